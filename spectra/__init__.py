@@ -1,0 +1,6 @@
+"""spectra: record how weight matrices move during training, and measure their spectra."""
+
+from spectra.store import open_run
+
+__all__ = ["open_run"]
+__version__ = "0.1.0"

@@ -1,0 +1,182 @@
+"""The run store: round trips, the commit protocol, reconstruction error, plain-zarr/xarray access."""
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+
+import spectra
+from spectra.store import MatrixSpec, StoreError, create_run, resume_run
+
+
+def _make(path, rng, shapes=None, update_dtype="float64"):
+    shapes = shapes or {"a": (6, 4), "b": (3, 7)}
+    specs = [MatrixSpec(n, s, s, "linear") for n, s in shapes.items()]
+    init = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+    return create_run(path, specs, init, update_dtype=update_dtype), init
+
+
+def test_round_trip_is_bitwise_for_float32_weights(tmp_path):
+    rng = np.random.default_rng(0)
+    writer, init = _make(tmp_path / "r.zarr", rng)
+    truth = []
+    for t, step in enumerate([0, 2, 5, 11]):
+        w = {n: (v + rng.standard_normal(v.shape) * 0.3 * t).astype(np.float32) for n, v in init.items()}
+        truth.append(w)
+        writer.append(step, w, {"loss": 1.0 / (t + 1)})
+    run = spectra.open_run(tmp_path / "r.zarr")
+    assert run.params == ["a", "b"]
+    np.testing.assert_array_equal(run.steps, [0, 2, 5, 11])
+    assert run.steps.dtype == np.int64 and np.all(np.diff(run.time) >= 0)
+    np.testing.assert_allclose(run.scalars["loss"], [1, 1 / 2, 1 / 3, 1 / 4])
+    for t, w in enumerate(truth):
+        for name in run.params:
+            assert run.weights(name, t).dtype == np.float32
+            np.testing.assert_array_equal(run.weights(name, t), w[name])
+            np.testing.assert_array_equal(run.updates(name, t),
+                                          w[name].astype(np.float64) - init[name])
+    np.testing.assert_array_equal(run.init("a"), init["a"])
+    stacked = run.weights("b", [3, 1])
+    np.testing.assert_array_equal(stacked[0], truth[3]["b"])
+    np.testing.assert_array_equal(stacked[1], truth[1]["b"])
+    assert run.updates("a", slice(1, None)).shape == (3, 6, 4)
+    np.testing.assert_array_equal(run.weights("a", -1), truth[-1]["a"])
+
+
+def test_reconstruction_error_bound_on_adversarial_values(tmp_path):
+    """Weights that cross zero or shrink by many orders of magnitude: the documented bound holds,
+    and float64 updates are exact wherever |W_t| > 2^-29 |W_0|."""
+    rng = np.random.default_rng(1)
+    shape = (200, 300)
+    w0 = (rng.standard_normal(shape) * 10.0 ** rng.uniform(-6, 2, shape)).astype(np.float32)
+    wt = (rng.standard_normal(shape) * 10.0 ** rng.uniform(-12, 2, shape)).astype(np.float32)
+    for update_dtype in ("float64", "float32"):
+        path = tmp_path / f"{update_dtype}.zarr"
+        writer = create_run(path, [MatrixSpec("w", shape, shape, "linear")], {"w": w0},
+                            update_dtype=update_dtype)
+        writer.append(0, {"w": wt})
+        back = spectra.open_run(path).weights("w", 0).astype(np.float64)
+        err = np.abs(back - wt)
+        if update_dtype == "float64":
+            exact = np.abs(wt) > 2.0 ** -29 * np.abs(w0)
+            assert 0.5 < exact.mean() < 1  # both regions are exercised
+            np.testing.assert_array_equal(back[exact], wt[exact])
+            bound = 2.0 ** -53 * np.abs(wt.astype(np.float64) - w0) + np.spacing(np.abs(wt)) / 2
+        else:
+            bound = np.spacing(np.maximum(np.abs(w0), np.abs(wt)))
+            assert np.any(err > np.spacing(np.abs(wt)))  # why float64 is the default
+        assert np.all(err <= bound)
+
+
+def test_uncommitted_rows_are_invisible_and_cut_back_on_resume(tmp_path):
+    rng = np.random.default_rng(2)
+    path = tmp_path / "r.zarr"
+    writer, init = _make(path, rng)
+    for step in range(3):
+        writer.append(step, {n: v + step for n, v in init.items()})
+    # a process killed mid-snapshot: one matrix's row written, the other's only resized,
+    # steps resized but its chunk never written
+    root = zarr.open_group(path, mode="r+")
+    root["params/a/updates"].resize((4, 6, 4))
+    root["params/a/updates"][3] = 99.0
+    root["params/b/updates"].resize((4, 3, 7))
+    root["steps"].resize((4,))
+    root["time"].resize((4,))
+    run = spectra.open_run(path)
+    assert len(run) == 3
+    np.testing.assert_array_equal(run.steps, [0, 1, 2])
+    with pytest.raises(IndexError, match="3 committed snapshots"):
+        run.updates("a", 3)
+    writer = resume_run(path)
+    assert writer.length == 3 and writer.last_step == 2
+    assert root["params/a/updates"].shape[0] == 3 and root["steps"].shape[0] == 3
+    writer.append(7, {n: v - 1 for n, v in init.items()})
+    run = spectra.open_run(path)
+    np.testing.assert_array_equal(run.steps, [0, 1, 2, 7])
+    np.testing.assert_array_equal(run.weights("a", 3), init["a"] - 1)
+
+
+def test_steps_must_strictly_increase_and_nothing_is_committed_on_error(tmp_path):
+    rng = np.random.default_rng(3)
+    writer, init = _make(tmp_path / "r.zarr", rng)
+    writer.append(5, init)
+    with pytest.raises(StoreError, match="step 5 is not after the last committed step 5"):
+        writer.append(5, init)
+    with pytest.raises(StoreError, match="shape"):
+        writer.append(6, {"a": np.zeros((2, 2), np.float32), "b": init["b"]})
+    with pytest.raises(StoreError, match=r"lacks matrices \['b'\]"):
+        writer.append(6, {"a": init["a"]})
+    assert len(spectra.open_run(tmp_path / "r.zarr")) == 1
+
+
+def test_scalars_appearing_later_are_padded_with_nan(tmp_path):
+    rng = np.random.default_rng(4)
+    writer, init = _make(tmp_path / "r.zarr", rng)
+    writer.append(0, init)
+    writer.append(1, init, {"lr": 0.5})
+    writer.append(2, init, {"loss": 2.0})
+    scalars = spectra.open_run(tmp_path / "r.zarr").scalars
+    np.testing.assert_array_equal(scalars["lr"], [np.nan, 0.5, np.nan])
+    np.testing.assert_array_equal(scalars["loss"], [np.nan, np.nan, 2.0])
+
+
+def test_open_run_rejects_paths_that_are_not_stores(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such run store"):
+        spectra.open_run(tmp_path / "missing.zarr")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "notes.txt").write_text("hello")
+    with pytest.raises(StoreError, match="not a spectra run store"):
+        spectra.open_run(plain)
+    zarr.open_group(tmp_path / "other.zarr", mode="w").create_array("x", shape=(2,), dtype="f4")
+    with pytest.raises(StoreError, match=r"attrs\['spectra'\] is missing"):
+        spectra.open_run(tmp_path / "other.zarr")
+    with pytest.raises(StoreError, match="not empty"):
+        _make(plain, np.random.default_rng(0))
+    assert (plain / "notes.txt").read_text() == "hello"
+
+
+def test_unknown_matrix_name_suggests_close_matches(tmp_path):
+    writer, init = _make(tmp_path / "r.zarr", np.random.default_rng(5),
+                         {"blocks.0.fc.weight": (3, 3)})
+    writer.append(0, init)
+    run = spectra.open_run(tmp_path / "r.zarr")
+    with pytest.raises(KeyError, match="did you mean"):
+        run.init("blocks.0.fc.wieght")
+
+
+def test_plain_zarr_reads_the_documented_layout(tmp_path):
+    rng = np.random.default_rng(6)
+    path = tmp_path / "r.zarr"
+    writer, init = _make(path, rng)
+    w1 = {n: (v * 2).astype(np.float32) for n, v in init.items()}
+    writer.append(0, init)
+    writer.append(3, w1, {"loss": 0.25})
+    root = zarr.open_group(path, mode="r", use_consolidated=False)
+    meta = root.attrs["spectra"]
+    assert meta["schema"] == 1 and meta["params"] == ["a", "b"]
+    json.dumps(dict(root.attrs))  # attrs are plain JSON
+    np.testing.assert_array_equal(root["steps"][:], [0, 3])
+    updates = root["params/a/updates"]
+    assert updates.chunks == (1, 6, 4)
+    assert updates.metadata.dimension_names == ("snapshot", "row", "col")
+    np.testing.assert_array_equal(root["params/a/init"][:] + updates[1], w1["a"])
+    assert root["params/b"].attrs["shape"] == [3, 7]
+    assert root["scalars/loss"][1] == 0.25
+
+
+def test_xarray_opens_root_and_param_groups(tmp_path):
+    xr = pytest.importorskip("xarray")
+    rng = np.random.default_rng(7)
+    path = tmp_path / "r.zarr"
+    writer, init = _make(path, rng)
+    for step in (0, 4):
+        writer.append(step, {n: v + step for n, v in init.items()})
+    root = xr.open_zarr(path, consolidated=False)
+    np.testing.assert_array_equal(root["steps"].values, [0, 4])
+    param = xr.open_zarr(path, group="params/a", consolidated=False)
+    assert param["updates"].dims == ("snapshot", "row", "col")
+    assert param["init"].dims == ("row", "col")
+    weights = param["init"] + param["updates"]
+    np.testing.assert_array_equal(weights.isel(snapshot=1).values, init["a"] + 4)
