@@ -52,7 +52,7 @@ class Recorder:
         max_pending: snapshots that may wait for the writer before training blocks (memory bound:
             this many copies of the recorded weights).
         update_dtype: "float64" (exact reconstruction, default) or "float32" (half the bytes).
-        compressors: zarr compressors for the arrays ("auto" = zarr's default zstd, None = raw).
+        compressors: zarr codecs for the matrices ("auto": lz4 + bitshuffle, None: raw).
 
     Under torch.distributed only rank 0 records; on other ranks every method is a no-op.
     """

@@ -10,6 +10,10 @@ Rules:
   torch.nn.utils.parametrize'd layer) is recorded through that dense effective weight, and its
   own parameters (the factors) are not;
 - ``include`` / ``exclude`` are shell-style patterns (fnmatch) on parameter names.
+
+Each matrix is read through its module path and attribute name at every snapshot, so a layer
+that changes its parametrisation in place (OIALR converting U Σ Vᵀ) or a module replaced in its
+parent keeps being recorded, as long as the (m, n) shape stays the same.
 """
 
 from __future__ import annotations
@@ -82,8 +86,9 @@ def _parameter_matrices(model: nn.Module, skip: list[str]) -> list[tuple]:
     out = []
     for key, names in by_id.items():
         p = params[key]
-        owner = owners[names[0].rpartition(".")[0]]
-        out.append((order[key], names, _kind(owner), _reader(p), tuple(p.shape)))
+        path, _, attr = names[0].rpartition(".")
+        out.append((order[key], names, _kind(owners[path]), _reader(model, path, attr),
+                    tuple(p.shape)))
     return out
 
 
@@ -96,7 +101,7 @@ def _effective_weights(model: nn.Module) -> list[tuple]:
         first_param = min((i for n, i in order.items() if _under(n, prefix)), default=-1)
         name = f"{prefix}.weight" if prefix else "weight"
         shape = tuple(_effective(module).shape)
-        out.append((first_param, [name], "effective", _module_reader(module), shape))
+        out.append((first_param, [name], "effective", _reader(model, prefix, "weight"), shape))
     return out
 
 
@@ -136,14 +141,11 @@ def _kind(module: nn.Module) -> str:
     return "matrix"
 
 
-def _reader(p: torch.Tensor) -> Callable[[], torch.Tensor]:
-    return lambda: p.detach().reshape(p.shape[0], -1)
-
-
-def _module_reader(module: nn.Module) -> Callable[[], torch.Tensor]:
+def _reader(model: nn.Module, path: str, attr: str) -> Callable[[], torch.Tensor]:
+    """Reads ``model.<path>.<attr>`` afresh at each call, as an (m, n) detached tensor."""
     def read() -> torch.Tensor:
         with torch.no_grad():
-            weight = module.weight
+            weight = getattr(model.get_submodule(path), attr)
         return weight.detach().reshape(weight.shape[0], -1)
     return read
 

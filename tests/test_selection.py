@@ -91,3 +91,18 @@ def test_raw_matrix_parameters_are_recorded():
     mha = nn.MultiheadAttention(8, 2)
     picked = {m.spec.name: m.spec.kind for m in select_matrices(mha)}
     assert picked == {"in_proj_weight": "matrix", "out_proj.weight": "linear"}
+
+
+def test_a_layer_converted_in_place_keeps_being_read():
+    """OIALR-style: a Linear's weight Parameter is replaced by a computed U Σ Vᵀ mid-run."""
+    model = nn.Sequential(nn.Linear(5, 6), nn.Linear(6, 2))
+    reader = {m.spec.name: m.read for m in select_matrices(model)}["0.weight"]
+    layer = model[0]
+    u, s, vh = torch.linalg.svd(layer.weight.detach(), full_matrices=False)
+    del layer.weight
+    layer.register_buffer("u", u)
+    layer.register_buffer("vh", vh)
+    layer.sigma = nn.Parameter(torch.diag(s) * 2)
+    layer.__class__ = type("Factored", (nn.Linear,),
+                           {"weight": property(lambda self: self.u @ self.sigma @ self.vh)})
+    torch.testing.assert_close(reader(), 2 * (u * s) @ vh)
