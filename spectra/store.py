@@ -310,6 +310,13 @@ def resume_run(path: str | Path) -> RunWriter:
     return RunWriter(root)
 
 
+def annotate_run(path: str | Path, **fields: Any) -> None:
+    """Merge JSON-serialisable ``fields`` into a store's attrs["spectra"] (e.g. a run's final
+    evaluation history). Do not call while a Recorder is resuming the same store."""
+    root = _open_root(Path(path), mode="r+")
+    root.attrs["spectra"] = {**root.attrs["spectra"], **fields}
+
+
 def is_run_store(path: str | Path) -> bool:
     """True if ``path`` is a directory holding a spectra run store."""
     try:
