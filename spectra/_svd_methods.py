@@ -107,18 +107,17 @@ def _left_vectors(x: Array, v: Array, s: Array) -> Array:
 
 
 def _cholesky_qr(u: Array) -> Array:
-    """Orthonormal factor of a well-conditioned (b, m, k) stack: U·L⁻ᵀ with L·Lᵀ = UᵀU."""
+    """Orthonormal factor of a well-conditioned (b, m, k) stack: U·L⁻ᵀ with L·Lᵀ = UᵀU.
+
+    L is within ~1e-4 of the identity here, so multiplying by its explicit inverse is as
+    accurate as a triangular solve, and one batched product beats a loop of solves.
+    """
     gram = u.swapaxes(-1, -2) @ u
     if isinstance(u, torch.Tensor):
         lower = torch.linalg.cholesky(gram)
         return torch.linalg.solve_triangular(lower, u.mT, upper=False).mT
-    lower = np.linalg.cholesky(gram)
-    return np.stack(
-        [
-            scipy.linalg.solve_triangular(l_i, u_i.T, lower=True, check_finite=False).T
-            for l_i, u_i in zip(lower, u)
-        ]
-    )
+    inverse = np.linalg.inv(np.linalg.cholesky(gram))
+    return u @ inverse.swapaxes(-1, -2)
 
 
 def _aligned_orthonormal(y: Array) -> Array:

@@ -31,8 +31,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from spectra import metrics
-from spectra.cache import AnalysisCache
-from spectra.linalg import batched_svd
+from spectra.cache import AnalysisCache, Entry
+from spectra.linalg import batched_svd, blas_threads
 from spectra.store import Run, open_run
 
 TARGETS = ("updates", "weights")
@@ -41,8 +41,8 @@ COLUMNS = ["step", "param", "target", "metric", "value"]
 
 def analyze(store: str | Path | Run, *, targets: Iterable[str] = TARGETS, k: int = 8,
             params: Iterable[str] | None = None, device: str = "cpu", n_values: int = 8,
-            tau: float = 0.9, alpha: float = 0.9, max_bytes: int = 256 * 2**20,
-            quiet: bool = False) -> pd.DataFrame:
+            tau: float = 0.9, alpha: float = 0.9, max_bytes: int = 64 * 2**20,
+            threads: int | None = 1, quiet: bool = False) -> pd.DataFrame:
     """Spectral metrics of every recorded matrix at every committed snapshot.
 
     Args:
@@ -55,6 +55,8 @@ def analyze(store: str | Path | Run, *, targets: Iterable[str] = TARGETS, k: int
         n_values: how many top singular values to report as sigma_i rows.
         tau: explained-variance threshold; alpha: InRank explained-ratio threshold.
         max_bytes: memory budget for one chunk of snapshots (matrices read + SVD work).
+        threads: BLAS threads while analysing (1, the measured best on a busy machine, see
+            spectra.linalg; None leaves the process setting alone).
         quiet: no progress bar.
 
     Returns:
@@ -65,18 +67,18 @@ def analyze(store: str | Path | Run, *, targets: Iterable[str] = TARGETS, k: int
     run.refresh()
     targets = _validate(run, list(targets), k, n_values, tau, alpha)
     params = run.params if params is None else [run.spec(p).name for p in params]
+    if not params:
+        raise ValueError("params=[]: name at least one recorded matrix (or None for all)")
     cache = AnalysisCache(run.path)
-    frames = []
-    jobs = [(target, param) for param in params for target in targets]
-    for target, param in tqdm(jobs, desc="analyze", disable=quiet or not jobs, leave=False):
-        _extend_cache(run, cache, target, param, k, device, max_bytes)
-        entry = cache.entry(target, param, k)
-        frames.append(_frame(run, entry, target, param, k, n_values, tau, alpha))
-    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
-    frame["param"] = pd.Categorical(frame["param"], categories=params)  # model order
-    for column in ("target", "metric"):
-        frame[column] = frame[column].astype("category")
-    return frame[COLUMNS]
+    parts = _FrameParts(params, targets)
+    with blas_threads(threads):
+        for param in tqdm(params, desc="analyze", disable=quiet or not params, leave=False):
+            _extend_cache(run, cache, targets, param, k, device, max_bytes)
+            for target in targets:
+                entry = cache.entry(target, param, k)
+                columns = _columns(run, entry, param, k, n_values, tau, alpha, max_bytes)
+                parts.add(run.steps[: entry.length], param, target, columns)
+    return parts.frame()
 
 
 def singular_values(store: str | Path | Run, param: str, target: str = "updates",
@@ -89,7 +91,7 @@ def singular_values(store: str | Path | Run, param: str, target: str = "updates"
     entry = AnalysisCache(run.path).entry(target, run.spec(param).name, k)
     if not entry:
         raise KeyError(f"no cached analysis of {target} of {param!r} with k={k}; run analyze() first")
-    return run.steps[: len(entry["sv"])], entry["sv"]
+    return run.steps[: entry.length], entry.read("sv")
 
 
 def _validate(run: Run, targets: list[str], k: int, n_values: int, tau: float,
@@ -108,39 +110,53 @@ def _validate(run: Run, targets: list[str], k: int, n_values: int, tau: float,
     return targets
 
 
-def _extend_cache(run: Run, cache: AnalysisCache, target: str, param: str, k: int,
+_MAX_CHUNK = 32  # snapshots; more buys nothing on a CPU, where a batched SVD is a loop
+
+
+def _chunk_rows(shape: tuple[int, int], max_bytes: int) -> int:
+    """Snapshots per chunk: about six float64 copies of each matrix (ΔW read, W_t, the
+    engine's copy, U, Vh, work space) within ``max_bytes``, and at most _MAX_CHUNK."""
+    return max(1, min(_MAX_CHUNK, max_bytes // (8 * shape[0] * shape[1] * 6)))
+
+
+def _extend_cache(run: Run, cache: AnalysisCache, targets: list[str], param: str, k: int,
                   device: str, max_bytes: int) -> None:
-    """SVD the snapshots committed since the cache was last extended, chunk by chunk."""
-    start, total = cache.length(target, param, k), len(run)
-    m, n = run.shape(param)
-    per_matrix = 8 * m * n * 4  # the float64 matrix, its SVD factors and work space
-    chunk = max(1, max_bytes // per_matrix)
-    while start < total:
-        stop = min(total, start + chunk)
-        first = max(0, start - 1)  # re-read the previous snapshot: its basis anchors "prev"
-        matrices = _read(run, target, param, slice(first, stop))
-        if k == 0:
-            sv = batched_svd(matrices, compute="values", device=device, max_bytes=max_bytes).S
-            rows = {"sv": sv[start - first:]}
-        else:
-            svd = batched_svd(matrices, compute="full", device=device, max_bytes=max_bytes)
-            stability = _pairwise_stability(svd.S, svd.U, svd.Vh)
-            if start == 0:
-                stability = np.concatenate([[np.nan], stability])
-            skip = start - first
-            rows = {"sv": svd.S[skip:], "u": svd.U[skip:, :, :k], "vh": svd.Vh[skip:, :k],
-                    "stability": stability}
-        cache.append(target, param, k, start, rows)
-        start = stop
-
-
-def _read(run: Run, target: str, param: str, rows: slice) -> np.ndarray:
-    """(C, m, n) matrices at the parameter's own precision: W_t exactly; ΔW_t rounded to it
-    (so the SVD engine picks its fastest method that is exact at that precision)."""
+    """SVD the snapshots committed since each target's cache was last extended, chunk by chunk,
+    reading each chunk of ΔW once for all targets."""
+    starts = {target: cache.entry(target, param, k).length for target in targets}
+    total = len(run)
     dtype = run.init(param).dtype
-    if target == "weights":
-        return run.weights(param, rows)
-    return run.updates(param, rows).astype(dtype)
+    init = run.init(param).astype(np.float64)
+    chunk = _chunk_rows(run.shape(param), max_bytes)
+    for start in range(min(starts.values()), total, chunk):
+        stop = min(total, start + chunk)
+        first = max(0, start - 1)  # the previous snapshot too: its basis anchors "prev"
+        updates = run.updates(param, slice(first, stop))
+        for target in targets:
+            begin = max(start, starts[target])
+            if begin >= stop:
+                continue
+            rows = slice(max(0, begin - 1) - first, stop - first)
+            # at the parameter's own precision: W_t exactly (as Run.weights), ΔW_t rounded to it,
+            # so the SVD engine picks its fastest method that is exact at that precision
+            matrices = (init + updates[rows] if target == "weights" else updates[rows]).astype(dtype)
+            cache.append(target, param, k, begin, _svd_rows(matrices, begin, k, device, max_bytes))
+
+
+def _svd_rows(matrices: np.ndarray, begin: int, k: int, device: str,
+              max_bytes: int) -> dict[str, np.ndarray]:
+    """Cache rows for snapshots begin.. from ``matrices`` (C, m, n), which start one snapshot
+    earlier unless ``begin`` is 0."""
+    skip = 1 if begin else 0
+    if k == 0:
+        return {"sv": batched_svd(matrices, compute="values", device=device,
+                                  max_bytes=max_bytes, threads=None).S[skip:]}
+    svd = batched_svd(matrices, compute="full", device=device, max_bytes=max_bytes, threads=None)
+    stability = _pairwise_stability(svd.S, svd.U, svd.Vh)
+    if not begin:
+        stability = np.concatenate([[np.nan], stability])
+    return {"sv": svd.S[skip:], "u": svd.U[skip:, :, :k], "vh": svd.Vh[skip:, :k],
+            "stability": stability}
 
 
 def _pairwise_stability(s: np.ndarray, u: np.ndarray, vh: np.ndarray) -> np.ndarray:
@@ -154,16 +170,15 @@ def _usable(s: np.ndarray) -> np.ndarray:
     return np.isfinite(s).all(axis=-1) & (s[..., 0] > 0)
 
 
-def _frame(run: Run, entry: dict[str, np.ndarray], target: str, param: str, k: int,
-           n_values: int, tau: float, alpha: float) -> pd.DataFrame:
-    sv = entry["sv"]
-    steps = run.steps[: len(sv)]
+def _columns(run: Run, entry: Entry, param: str, k: int, n_values: int, tau: float,
+             alpha: float, max_bytes: int) -> dict[str, np.ndarray]:
+    """Every metric of one (target, param) over its cached snapshots: name → (T,)."""
+    sv = entry.read("sv")
     spec = run.spec(param)
-    dtype = run.init(param).dtype
     columns = {
         "effective_rank": metrics.effective_rank(sv),
         "stable_rank": metrics.stable_rank(sv),
-        "numerical_rank": metrics.numerical_rank(sv, shape=spec.shape, dtype=dtype),
+        "numerical_rank": metrics.numerical_rank(sv, shape=spec.shape, dtype=run.init(param).dtype),
         "explained_variance_rank": metrics.explained_variance_rank(sv, tau),
         "inrank_rank": metrics.inrank_rank(sv, alpha),
         "frobenius_norm": metrics.frobenius_norm(sv),
@@ -174,34 +189,75 @@ def _frame(run: Run, entry: dict[str, np.ndarray], target: str, param: str, k: i
     for i in range(min(n_values, sv.shape[1])):
         columns[f"sigma_{i + 1}"] = sv[:, i]
     if k > 0:
-        columns.update(_subspace_columns(entry, _usable(sv)))
-    wide = pd.DataFrame({name: np.broadcast_to(np.asarray(v, dtype=np.float64), steps.shape)
-                         for name, v in columns.items()})
-    wide["step"] = steps
-    frame = wide.melt(id_vars="step", var_name="metric", value_name="value")
-    frame["param"], frame["target"] = param, target
-    return frame
+        columns.update(_subspace_columns(entry, _usable(sv), _chunk_rows(spec.shape, max_bytes)))
+    return columns
 
 
-def _subspace_columns(entry: dict[str, np.ndarray], usable: np.ndarray) -> dict[str, np.ndarray]:
-    """Comparisons of the top-k bases with the previous and with the last snapshot."""
-    u, v = entry["u"], np.swapaxes(entry["vh"], -1, -2)
-    out = {}
+class _FrameParts:
+    """Accumulates metric columns as numpy arrays and category codes (about 20 bytes a row),
+    and builds the long frame once at the end."""
+
+    def __init__(self, params: list[str], targets: list[str]):
+        self.params, self.targets = params, targets
+        self.metrics: dict[str, int] = {}
+        self.pieces: list[tuple[np.ndarray, ...]] = []
+
+    def add(self, steps: np.ndarray, param: str, target: str,
+            columns: dict[str, np.ndarray]) -> None:
+        count = len(steps) * len(columns)
+        codes = [self.metrics.setdefault(name, len(self.metrics)) for name in columns]
+        values = np.concatenate([np.broadcast_to(np.asarray(v, dtype=np.float64), steps.shape)
+                                 for v in columns.values()])
+        self.pieces.append((np.tile(steps, len(columns)),
+                            np.full(count, self.params.index(param), np.int32),
+                            np.full(count, self.targets.index(target), np.int8),
+                            np.repeat(np.array(codes, np.int32), len(steps)), values))
+
+    def frame(self) -> pd.DataFrame:
+        step, param, target, metric, value = (np.concatenate(c) for c in zip(*self.pieces))
+        return pd.DataFrame({
+            "step": step,
+            "param": pd.Categorical.from_codes(param, categories=self.params),
+            "target": pd.Categorical.from_codes(target, categories=self.targets),
+            "metric": pd.Categorical.from_codes(metric, categories=list(self.metrics)),
+            "value": value,
+        })[COLUMNS]
+
+
+def _subspace_columns(entry: Entry, usable: np.ndarray, rows: int) -> dict[str, np.ndarray]:
+    """Top-k bases compared with the previous and with the last snapshot, ``rows`` at a time."""
+    length = entry.length
+    last = (entry.read("u", length - 1), entry.read("vh", length - 1))
+    out: dict[str, np.ndarray] = {}
+    for start in range(0, length, rows):
+        stop = min(length, start + rows)
+        first = max(0, start - 1)  # one row back: the previous snapshot of the chunk's first
+        u, vh = entry.read("u", first, stop), entry.read("vh", first, stop)
+        paired = max(start, 1)  # rows compared with their previous snapshot
+        now = slice(paired - first, stop - first)
+        before = slice(paired - 1 - first, stop - 1 - first)
+        comparisons = (("prev", paired, _compare(u[before], vh[before], u[now], vh[now])),
+                       ("last", start, _compare(*last, u[start - first:], vh[start - first:])))
+        for suffix, begin, values in comparisons:
+            for name, value in values.items():
+                out.setdefault(f"{name}_{suffix}", np.full(length, np.nan))[begin:stop] = value
     prev_ok = np.concatenate([[False], usable[:-1] & usable[1:]])
     last_ok = usable & usable[-1]
-    for suffix, (u_ref, v_ref, ok) in {
-        "prev": (np.concatenate([u[:1], u[:-1]]), np.concatenate([v[:1], v[:-1]]), prev_ok),
-        "last": (np.broadcast_to(u[-1], u.shape), np.broadcast_to(v[-1], v.shape), last_ok),
-    }.items():
-        values = {
-            f"left_similarity_{suffix}": metrics.subspace_similarity(u_ref, u),
-            f"right_similarity_{suffix}": metrics.subspace_similarity(v_ref, v),
-            f"left_angle_{suffix}": metrics.largest_principal_angle(u_ref, u),
-            f"right_angle_{suffix}": metrics.largest_principal_angle(v_ref, v),
-            f"topk_stability_{suffix}": metrics.oialr_stability(
-                u_ref, np.swapaxes(v_ref, -1, -2), u, entry["vh"]),
-        }
-        out.update({name: np.where(ok, value, np.nan) for name, value in values.items()})
-        if suffix == "prev":
-            out["oialr_stability_prev"] = entry["stability"]
+    for name in out:
+        out[name] = np.where(prev_ok if name.endswith("_prev") else last_ok, out[name], np.nan)
+    out["oialr_stability_prev"] = entry.read("stability")
     return out
+
+
+def _compare(u_ref: np.ndarray, vh_ref: np.ndarray, u: np.ndarray,
+             vh: np.ndarray) -> dict[str, np.ndarray]:
+    """Subspace metrics of top-k bases (C, m, k), (C, k, n) against references of the same
+    shape (or one reference (m, k), (k, n) for all)."""
+    v_ref, v = np.swapaxes(vh_ref, -1, -2), np.swapaxes(vh, -1, -2)
+    return {
+        "left_similarity": metrics.subspace_similarity(u_ref, u),
+        "right_similarity": metrics.subspace_similarity(v_ref, v),
+        "left_angle": metrics.largest_principal_angle(u_ref, u),
+        "right_angle": metrics.largest_principal_angle(v_ref, v),
+        "topk_stability": metrics.oialr_stability(u_ref, vh_ref, u, vh),
+    }

@@ -190,7 +190,7 @@ def batched_svd(
     out = _allocate(a, batch, m, n, plan)
     step = max(1, max_bytes // (8 * _work_elements(max(m, n), min(m, n), plan)))
     nonfinite = failed = 0
-    with _blas_threads(threads):
+    with blas_threads(threads):
         for start in range(0, batch, step):
             x = _load(a[start : start + step], plan.device, wide)
             finite = _finite_matrices(x)
@@ -210,7 +210,7 @@ def _blas_controller() -> ThreadpoolController:
     return ThreadpoolController()
 
 
-def _blas_threads(threads: int | None):
+def blas_threads(threads: int | None):
     """Context manager limiting BLAS to ``threads`` threads (no-op for None)."""
     return _blas_controller().limit(limits=threads, user_api="blas")
 

@@ -173,6 +173,15 @@ def _without_last(frame):
     return frame.sort_values(["param", "target", "metric", "step"]).reset_index(drop=True)
 
 
+def test_a_tiny_memory_budget_gives_the_same_frame(known_store, tmp_path):
+    import shutil
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(known_store, copy)
+    whole = analyze(known_store, k=2, quiet=True)
+    chunked = analyze(copy, k=2, max_bytes=1, quiet=True)  # one snapshot per chunk everywhere
+    pd.testing.assert_frame_equal(whole, chunked, check_exact=False, rtol=1e-12, atol=1e-14)
+
+
 def test_uncommitted_rows_are_not_analyzed(known_store):
     import zarr
     root = zarr.open_group(known_store, mode="r+")
