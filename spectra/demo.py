@@ -1,13 +1,16 @@
-"""`spectra demo`: train the character GPT on the KJV text and an MLP on MNIST-5k, recording both."""
+"""`spectra demo`: train the character GPT on the KJV text and an MLP on MNIST-5k, recording
+both, then analyze the stores and draw their figures."""
 
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from spectra import plot
+from spectra.analyze import analyze
 from spectra.data import CharCorpus, kjv_text, mnist5k
 from spectra.models import GPT, MLP, GPTConfig
 from spectra.record import Recorder
@@ -15,10 +18,11 @@ from spectra.schedules import LogSpaced
 from spectra.train import ClassifierTraining, GPTTraining, train_char_gpt, train_classifier
 
 
-@dataclass(frozen=True)
+@dataclass
 class DemoRuns:
     gpt: Path
     mlp: Path
+    figures: list[Path] = field(default_factory=list)
 
 
 def record_gpt(path: Path, training: GPTTraining, *, seed: int = 0, quiet: bool = False,
@@ -50,8 +54,9 @@ def record_mlp(path: Path, training: ClassifierTraining, *, seed: int = 0,
     return history
 
 
-def run_demo(out: Path, *, quick: bool = False, quiet: bool = False) -> DemoRuns:
-    """Record both demo runs into ``out`` (replacing earlier demo stores) and return their paths."""
+def run_demo(out: Path, figures: Path, *, quick: bool = False, quiet: bool = False) -> DemoRuns:
+    """Record both demo runs into ``out`` (replacing earlier demo stores), analyze them and
+    write their figures into ``figures``."""
     runs = DemoRuns(gpt=out / "demo-gpt.zarr", mlp=out / "demo-mlp.zarr")
     for path in (runs.gpt, runs.mlp):
         shutil.rmtree(path, ignore_errors=True)
@@ -65,4 +70,8 @@ def run_demo(out: Path, *, quick: bool = False, quiet: bool = False) -> DemoRuns
     say(f"training the MNIST MLP for {mlp.epochs} epochs → {runs.mlp}")
     history = record_mlp(runs.mlp, mlp, quiet=quiet)
     say(f"  test accuracy {history[-1]['test_accuracy']:.3f} after {history[-1]['seconds']:.0f} s")
+    for path in (runs.gpt, runs.mlp):
+        say(f"analyzing {path}")
+        frame = analyze(path, quiet=quiet)
+        runs.figures.extend(plot.run_figures(frame, figures, path.stem))
     return runs

@@ -30,8 +30,10 @@ LABELS = {
 
 def rank_curves(frame: pd.DataFrame, metric: str = "effective_rank",
                 params: Sequence[str] | None = None, *, logx: bool = True) -> plt.Figure:
-    """One panel per matrix: ``metric`` over steps for ΔW_t (updates) and W_t (weights)."""
+    """One panel per matrix: ``metric`` over steps for ΔW_t (updates) and W_t (weights).
+    ΔW_0 = 0 is not drawn (its rank is 0 by definition)."""
     data = _select(frame, metric=metric, params=params)
+    data = data[~((data["target"] == "updates") & (data["step"] == data["step"].min()))]
     names = _params(data)
     fig, axes = _grid(len(names))
     for ax, name in zip(axes, names):
@@ -107,7 +109,19 @@ def compare_runs(frames: Mapping[str, pd.DataFrame], metric: str = "effective_ra
     return fig
 
 
-def save(fig: plt.Figure, path: str | Path, dpi: int = 110) -> Path:
+def run_figures(frame: pd.DataFrame, out: str | Path, prefix: str) -> list[Path]:
+    """The standard figures of one run into ``out``: ``<prefix>-ranks.png`` (effective rank of
+    ΔW_t and W_t), ``<prefix>-singular-values.png`` (top σ of ΔW_t) and, when the frame has
+    subspace metrics, ``<prefix>-stability.png`` (OIALR stability heatmap of W_t)."""
+    out = Path(out)
+    written = [save(rank_curves(frame), out / f"{prefix}-ranks.png"),
+               save(singular_values(frame), out / f"{prefix}-singular-values.png")]
+    if (frame["metric"] == "oialr_stability_prev").any():
+        written.append(save(stability_heatmap(frame), out / f"{prefix}-stability.png"))
+    return written
+
+
+def save(fig: plt.Figure, path: str | Path, dpi: int = 90) -> Path:
     """Write ``fig`` as PNG (or the format ``path``'s suffix names) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,11 +157,13 @@ def _params(data: pd.DataFrame) -> list[str]:
 def _grid(count: int) -> tuple[plt.Figure, list[plt.Axes]]:
     cols = min(4, count)
     rows = math.ceil(count / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False,
+    fig, axes = plt.subplots(rows, cols, figsize=(2.9 * cols, 2.1 * rows), squeeze=False,
                              sharex=True, constrained_layout=True)
     flat = list(axes.flat)
     for ax in flat[count:]:
         ax.set_visible(False)
+    for ax in flat[max(0, count - cols):count]:  # last panel of each column: show its steps
+        ax.xaxis.set_tick_params(labelbottom=True)
     return fig, flat[:count]
 
 
@@ -155,5 +171,5 @@ def _style(ax: plt.Axes, title: str, logx: bool) -> None:
     ax.set_title(title.removesuffix(".weight"), fontsize=8)
     ax.tick_params(labelsize=7)
     if logx:
-        ax.set_xscale("symlog", linthresh=10)
+        ax.set_xscale("symlog", linthresh=1, linscale=0.3)
     ax.grid(alpha=0.3)

@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import pandas
 import pytest
 
 import spectra
@@ -8,8 +9,12 @@ from spectra.cli import main
 
 
 @pytest.mark.slow
-def test_demo_quick_records_two_stores_and_info_describes_them(tmp_path, capsys):
-    assert main(["demo", "--quick", "--quiet", "--out", str(tmp_path)]) == 0
+def test_demo_quick_records_analyzes_and_plots(tmp_path, capsys):
+    figures = tmp_path / "figures"
+    assert main(["demo", "--quick", "--quiet", "--out", str(tmp_path), "--figures", str(figures)]) == 0
+    assert sorted(p.name for p in figures.iterdir()) == [
+        f"demo-{run}-{kind}.png" for run in ("gpt", "mlp")
+        for kind in ("ranks", "singular-values", "stability")]
     gpt = spectra.open_run(tmp_path / "demo-gpt.zarr")
     mlp = spectra.open_run(tmp_path / "demo-mlp.zarr")
     assert gpt.steps[0] == 0 and gpt.steps[-1] == 60 and len(gpt.params) == 17
@@ -25,3 +30,22 @@ def test_info_on_a_bad_path_is_a_clear_error(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "no such run store" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_analyze_writes_the_frame_and_plot_compares_runs(tmp_path, capsys):
+    from spectra.experiments import mlp_run
+    from spectra.train import ClassifierTraining
+    for seed in (0, 1):
+        mlp_run("full", tmp_path / f"s{seed}.zarr", quiet=True,
+                training=ClassifierTraining(epochs=1, seed=seed), every=20)
+    assert main(["analyze", str(tmp_path / "s0.zarr"), "-o", str(tmp_path / "f.csv"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    frame = pandas.read_csv(tmp_path / "f.csv")
+    assert list(frame.columns) == ["step", "param", "target", "metric", "value"]
+    assert "layers.0.weight" in out and "erank ΔW" in out
+    assert main(["plot", str(tmp_path / "s0.zarr"), str(tmp_path / "s1.zarr"), "-o",
+                 str(tmp_path / "fig"), "--k", "0", "--quiet"]) == 0
+    names = sorted(p.name for p in (tmp_path / "fig").iterdir())
+    assert "compare-effective_rank-updates.png" in names and "s1-ranks.png" in names
+    assert main(["analyze", str(tmp_path / "s0.zarr"), "-o", str(tmp_path / "f.txt")]) == 2
