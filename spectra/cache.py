@@ -10,7 +10,9 @@ Layout (a zarr group beside the recorded data; deleting it only costs recomputat
                                      snapshot (NaN at t = 0)           (k > 0 only)
 
 Rows ``< length`` are valid; longer arrays (a crash mid-update) are cut back on the next write.
-A different ``k`` invalidates the entry. Arrays are chunked by as many snapshots as fit in 4 MB.
+A different ``k`` invalidates the entry. Arrays are chunked by 32 snapshots, uncompressed: SVD
+outputs in float64 barely compress, and an append then rewrites at most one partial chunk
+(large, compressed chunks made writing the cache cost a quarter of analyze()'s time).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import zarr
 
 _DIMS = {"sv": ("snapshot", "index"), "u": ("snapshot", "row", "component"),
          "vh": ("snapshot", "component", "col"), "stability": ("snapshot",)}
-_CHUNK_BYTES = 4 * 2**20  # snapshots per chunk: as many as fit in 4 MB (1 to 1024)
+_CHUNK_ROWS = 32  # snapshots per chunk
 
 
 class Entry:
@@ -59,20 +61,25 @@ class AnalysisCache:
     def append(self, target: str, param: str, k: int, start: int,
                rows: Mapping[str, np.ndarray]) -> None:
         """Write ``rows`` (name → (C, ...) arrays) at snapshot ``start``; then commit the length."""
-        group = self._find(target, param)
-        if group is None or group.attrs.get("k") != k or start == 0:
-            group = self._group.require_group(target).create_group(param, overwrite=True)
-            group.attrs.update({"k": k, "length": 0})
+        group = None if start == 0 else self._find(target, param)
+        fresh = group is None or group.attrs.get("k") != k
+        if fresh and start:
+            raise ValueError(f"cannot append {target}/{param} at snapshot {start}: no cached "
+                             f"rows before it with k={k}")
+        if fresh:
+            group = self._group.require_group(target).create_group(
+                param, overwrite=True, attributes={"k": k, "length": 0})
         count = len(next(iter(rows.values())))
         for name, values in rows.items():
-            array = group.get(name)
-            if array is None:
-                row_bytes = max(1, values[0].nbytes)
-                chunk = min(1024, max(1, _CHUNK_BYTES // row_bytes))
-                array = group.create_array(name, shape=(0, *values.shape[1:]), dtype=np.float64,
-                                           chunks=(chunk, *values.shape[1:]), fill_value=np.nan,
+            shape = (start + count, *values.shape[1:])
+            if fresh:
+                array = group.create_array(name, shape=shape, dtype=np.float64,
+                                           chunks=(_CHUNK_ROWS, *values.shape[1:]),
+                                           fill_value=np.nan, compressors=None,
                                            dimension_names=_DIMS[name])
-            array.resize((start + count, *values.shape[1:]))
+            else:
+                array = group[name]
+                array.resize(shape)
             array[start:start + count] = values
         group.attrs["length"] = start + count
 
