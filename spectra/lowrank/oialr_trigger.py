@@ -12,8 +12,9 @@ converts each layer when *its own* measured stability says so:
 Why the top-k bases and 1 − s (measured during full-rank training of the MNIST MLP and the
 character GPT, docs/oialr.md): the full-basis stability is within a few percent of 1 from the
 first check (the random bulk of the matrix barely moves) and creeps towards 1, so "s > 0.9"
-says nothing; and on a square layer the sign of its smallest singular pair flips from check to
-check (1 − s jumps to 2/r), noise exactly where the signal should be small. The top-k polar
+says nothing; and on a square layer the smallest singular value can pass through zero between
+checks, flipping the sign of its term u vᵀ in the polar factor (1 − s jumps to 2/r): noise
+exactly where the signal should be small. The top-k polar
 factor starts nearly fully rotated between checks (1 − s of 0.1 to 1: the top directions of a
 random initialisation are not learned yet) and its distance from 1 then falls by three to five
 decades, so a threshold on it reads an absolute scale that does not depend on the layer's
