@@ -7,7 +7,7 @@ Two parts, each recording its runs with the Recorder (spectra.experiments.gpt_ru
   what the rule sees, the second moment of new columns, and the efficient variant's stage
   switch. Each row answers one question against its baseline row.
 - ``compare``: the default 1500-step GPTTraining, seeds 0 and 1: full rank, vanilla InRank
-  (buffer 8 and 16), efficient InRank, and a fixed rank of 32 (25%: is the growth worth
+  (buffer 8 and 16, α = 0.9 and 0.95), efficient InRank, and a fixed rank of 32 (25%: is the growth worth
   anything over simply capping the rank?). Measured: validation bits/char, fraction of the
   converted layers' total rank trained (Σ(r + b) / Σ min(m, n)), trainable parameters, wall
   time per step (interleaved side by side in one process, at each method's final ranks), and
@@ -54,7 +54,9 @@ from spectra.train import GPTTraining  # noqa: E402
 # current V (function unchanged; the default), their Adam second moment 0 (the default), the
 # rule on the change of U Vᵀ since its previous evaluation, the factors at 4× the learning rate.
 INRANK = {"lr_scale": 4.0, "buffer": 8, "rule_input": "increment"}
-INRANK_B16 = {**INRANK, "buffer": 16}  # more room to grow: the 1500-step runs' ranks lagged
+# more room to grow: the 1500-step runs' ranks lagged the rule on the full-rank run's ΔW
+INRANK_B16 = {**INRANK, "buffer": 16}
+INRANK_A95 = {**INRANK, "alpha": 0.95}
 EFFICIENT = {"lr_scale": 4.0, "buffer": 16, "rule_input": "increment"}
 FIXED_RANK = 32  # 25% of the converted layers' total rank, InRank's budget
 FIRST = {"lr_scale": 2.0, "buffer": 8, "fresh_moments": "row-mean"}  # where the ablations began
@@ -91,10 +93,12 @@ COMPARE = {
     "full": ("full", {}),
     "inrank": ("inrank", INRANK),
     "inrank-b16": ("inrank", INRANK_B16),
+    "inrank-a0.95": ("inrank", INRANK_A95),
     "inrank-efficient": ("inrank-efficient", EFFICIENT),
     f"fixed-rank-{FIXED_RANK}": ("fixed-rank", {"rank": FIXED_RANK, "lr_scale": 4.0}),
 }
 COLORS = {"full": "tab:gray", "inrank": "tab:blue", "inrank-b16": "tab:purple",
+          "inrank-a0.95": "tab:red",
           "inrank-efficient": "tab:green",
           f"fixed-rank-{FIXED_RANK}": "tab:orange"}
 MLP_LAYERS = [f"blocks.{i}.mlp.{name}" for i in range(4) for name in ("c_fc", "c_proj")]
@@ -315,7 +319,7 @@ def ranks_figure(runs: dict[tuple[str, int], Path], quiet: bool) -> plt.Figure:
             rows = part[part["metric"] == metric]
             ax.plot(rows["step"], rows["value"], color=COLORS["full"], linestyle=style,
                     label=label)
-        for name in ("inrank", "inrank-b16", "inrank-efficient"):
+        for name in ("inrank", "inrank-b16", "inrank-a0.95", "inrank-efficient"):
             run = open_run(runs[name, seed])
             rank = run.scalars[f"rank.{layer}"]
             ax.plot(run.steps, rank, color=COLORS[name], label=f"{name}: r")
