@@ -3,6 +3,8 @@
     parser = study_parser(__doc__, out="runs/my_study", quick="tiny runs (about a minute)")
     parser.add_argument(...)                      # the study's own options
     args = parse(parser)                          # sets torch's thread count from --threads
+
+and reading a recorded scalar's final value back: ``last_finite(run.scalars["rank.fc"])``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -33,3 +36,10 @@ def parse(parser: argparse.ArgumentParser) -> argparse.Namespace:
     torch.set_num_threads(args.threads)
     args.figures.mkdir(parents=True, exist_ok=True)
     return args
+
+
+def last_finite(values: np.ndarray) -> float:
+    """The last finite entry of a recorded scalar series (NaN before the scalar first appeared),
+    or NaN if it has none."""
+    finite = values[np.isfinite(values)]
+    return float(finite[-1]) if finite.size else float("nan")

@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from _study import parse, study_parser  # noqa: E402
+from _study import last_finite, parse, study_parser  # noqa: E402
 
 from spectra import plot  # noqa: E402
 from spectra.analyze import analyze  # noqa: E402
@@ -199,7 +199,7 @@ def run_row(name: str, seed: int, path: Path) -> dict:
     """A run's final numbers, read back from its store."""
     run = open_run(path)
     history = run.attrs["history"]
-    last = {key: values[np.isfinite(values)][-1] for key, values in run.scalars.items()
+    last = {key: last_finite(values) for key, values in run.scalars.items()
             if np.isfinite(values).any()}
     ranks = [value for key, value in last.items() if key.startswith("rank.")]
     return {"method": name, "seed": seed, "steps": int(run.steps[-1]),

@@ -34,7 +34,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from _study import parse, study_parser  # noqa: E402
+from _study import last_finite, parse, study_parser  # noqa: E402
 
 from spectra import plot  # noqa: E402
 from spectra.analyze import analyze  # noqa: E402
@@ -137,7 +137,7 @@ def run_row(task: str, method: str, seed: int, path: Path) -> dict:
     """One run's final numbers, read back from its store."""
     run = open_run(path)
     history = run.attrs["history"]
-    scalars = {name: last(values) for name, values in run.scalars.items()}
+    scalars = {name: last_finite(values) for name, values in run.scalars.items()}
     score = SCORE[task][0]
     row = {"task": task, "method": method, "seed": seed, score: history[-1][score],
            "best_" + score: (max if task == "mlp" else min)(h[score] for h in history),
@@ -147,11 +147,6 @@ def run_row(task: str, method: str, seed: int, path: Path) -> dict:
         if name.startswith(("rank.", "converted_at.")):
             row[name] = value
     return row
-
-
-def last(values: np.ndarray) -> float:
-    finite = values[np.isfinite(values)]
-    return float(finite[-1]) if finite.size else float("nan")
 
 
 def summarise(table: pd.DataFrame) -> pd.DataFrame:
@@ -207,7 +202,7 @@ def step_times(task: str, runs: dict[tuple[str, int], Path], quick: bool) -> dic
         _, ranks = series(runs[label, 0], "rank.")
         _, converted = series(runs[label, 0], "converted_at.")
         for path, layer in convert_layers(models[label], list(converted)).items():
-            layer.truncate(int(last(ranks[path])))
+            layer.truncate(int(last_finite(ranks[path])))
     batch = demo_batch(task)
     steps = 2 if quick else (20 if task == "gpt" else 200)
     times: dict[str, list[float]] = {label: [] for label in models}
@@ -371,7 +366,7 @@ def trigger_figure(frame: pd.DataFrame, runs: dict[tuple[str, int], Path]) -> pl
     _, converted = series(runs["oialr-stability", 0], "converted_at.")
     for i, (name, values) in enumerate(stability.items()):
         color = plt.cm.viridis(i / max(1, len(stability) - 1))
-        at = last(converted.get(name, np.array([np.nan])))
+        at = last_finite(converted.get(name, np.array([np.nan])))
         ok = np.isfinite(values) & ~(steps > at)  # the last reading stays in the scalars
         axes[1].plot(steps[ok], np.clip(1 - values[ok], 1e-9, None), color=color, label=name)
         if np.isfinite(at):
