@@ -2,8 +2,8 @@
 
 What `spectra theory` checks once, over seeds, a finer init-scale grid, both depths, three
 optimizers and four hidden widths. Every run is recorded with the Recorder (runs/glrl/) and
-measured from its store (spectra.theory.measure: spectra.analyze, spectra.linalg,
-spectra.metrics); predictions are the closed forms of spectra.theory.closed_forms.
+measured from its store (spectra.methods.theory.measure: spectra.analysis.analyzer, spectra.core.linalg,
+spectra.core.metrics); predictions are the closed forms of spectra.methods.theory.closed_forms.
 
     python analyses/glrl_theory.py            # 3 seeds, ~10 min on 2 busy CPU cores
     python analyses/glrl_theory.py --quick    # 1 seed, a coarse grid, ~1 min
@@ -26,11 +26,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from spectra.plot import save
-from spectra.theory import checks
-from spectra.theory.measure import Trajectory, load
-from spectra.theory.report import modes_figure, sweep_figure
-from spectra.theory.training import Setting, train
+from spectra.methods.theory import checks
+from spectra.methods.theory.measure import Trajectory, load
+from spectra.methods.theory.report import modes_frame, sweep_frame
+from spectra.plot import modes_figure, save, sweep_figure
+from spectra.methods.theory.training import Setting, train
 
 BASE = Setting(depth=3, alpha=0.1, snapshots=80)
 FULL = {"seeds": (0, 1, 2), "alphas": (0.05, 0.07, 0.1, 0.14, 0.2, 0.3, 0.5, 0.7, 1.0),
@@ -71,8 +71,8 @@ def main() -> None:
     args.figures.mkdir(parents=True, exist_ok=True)
     for depth in (3, 2):
         main_run = runs.get(replace(BASE, depth=depth, snapshots=200))
-        save(modes_figure(main_run), args.figures / f"theory-modes-d{depth}.png")
-    save(sweep_figure(sweeps[3, grid["seeds"][0]]), args.figures / "theory-sweep.png")
+        save(modes_figure(modes_frame(main_run)), args.figures / f"theory-modes-d{depth}.png")
+    save(sweep_figure(sweep_frame(sweeps[3, grid["seeds"][0]])), args.figures / "theory-sweep.png")
     save(_optimizers_figure([runs.get(replace(BASE, **options))
                              for options in OPTIMIZERS.values()], list(OPTIMIZERS)),
          args.figures / "theory-optimizers.png")

@@ -1,6 +1,6 @@
 """InRank on the character GPT: a grown low-rank cumulative update vs full-rank training (issue 5).
 
-Two parts, each recording its runs with the Recorder (spectra.experiments.gpt_run) under --out:
+Two parts, each recording its runs with the Recorder (spectra.tasks.runs.gpt_run) under --out:
 
 - ``ablations``: short runs (500 steps, seed 0) that choose the details, one question each:
   the factors' learning rate, the cost of the rank cap alone, how new ranks are initialised,
@@ -12,7 +12,7 @@ Two parts, each recording its runs with the Recorder (spectra.experiments.gpt_ru
   converted layers' total rank trained (Σ(r + b) / Σ min(m, n)), trainable parameters, wall
   time per step (interleaved side by side in one process, at each method's final ranks), and
   the rank of each layer over steps beside the full-rank run's cumulative-update ranks
-  (effective rank and the InRank rule applied to its ΔW_t, from its store via spectra.analyze).
+  (effective rank and the InRank rule applied to its ΔW_t, from its store via spectra.analysis.analyzer).
 
     python analyses/inrank_gpt.py                    # both parts (~3 h at 1 thread, 2-core CPU)
     python analyses/inrank_gpt.py --part compare     # finished runs in --out are reused
@@ -41,14 +41,14 @@ import torch  # noqa: E402
 from _study import last_finite, parse, study_parser  # noqa: E402
 
 from spectra import plot  # noqa: E402
-from spectra.analyze import analyze  # noqa: E402
-from spectra.data import CharCorpus, kjv_text  # noqa: E402
-from spectra.experiments import gpt_run  # noqa: E402
-from spectra.lowrank import build_method  # noqa: E402
-from spectra.lowrank.inrank_layers import LowRankLinear  # noqa: E402
-from spectra.models import GPT, GPTConfig  # noqa: E402
+from spectra.analysis.analyzer import analyze  # noqa: E402
+from spectra.tasks.data import CharCorpus, kjv_text  # noqa: E402
+from spectra.tasks.runs import gpt_run  # noqa: E402
+from spectra.methods import build_method  # noqa: E402
+from spectra.methods.inrank.layers import LowRankLinear  # noqa: E402
+from spectra.tasks.models import GPT, GPTConfig  # noqa: E402
 from spectra.store import is_run_store, open_run  # noqa: E402
-from spectra.train import GPTTraining  # noqa: E402
+from spectra.tasks.loops import GPTTraining  # noqa: E402
 
 # The chosen details, each from an ablation below: new columns U = 0 / V orthogonal to the
 # current V (function unchanged; the default), their Adam second moment 0 (the default), the

@@ -1,11 +1,11 @@
 """OIALR vs full rank on the MNIST-5k MLP and the character GPT (issue 6, docs/oialr.md).
 
-Each task is trained three ways, each run recorded with the Recorder (spectra.experiments):
+Each task is trained three ways, each run recorded with the Recorder (spectra.tasks.runs):
 full rank; OIALR with the paper's fixed delay (a third of training, a cut every 1/30 of it);
 OIALR where each layer converts when its measured top-k basis stability has settled
 (``oialr-stability``, no delay). Measured: test accuracy (MLP) or validation bits/char (GPT),
 trainable parameters over time, ranks per layer, conversion steps, wall time; the stability
-heatmap of the full-rank run (the OIALR paper's figure) from its store via spectra.analyze.
+heatmap of the full-rank run (the OIALR paper's figure) from its store via spectra.analysis.analyzer.
 
     python analyses/oialr_mnist.py                # MLP 30 epochs × 3 seeds, GPT 1500 steps × 1
     python analyses/oialr_mnist.py --quick        # about a minute: 3 epochs, 30 GPT steps
@@ -37,16 +37,16 @@ from torch.nn import functional as F  # noqa: E402
 from _study import last_finite, parse, study_parser  # noqa: E402
 
 from spectra import plot  # noqa: E402
-from spectra.analyze import analyze  # noqa: E402
-from spectra.experiments import gpt_run, mlp_run  # noqa: E402
-from spectra.lowrank.oialr import convert_layers  # noqa: E402
-from spectra.models import GPT, MLP, GPTConfig  # noqa: E402
-from spectra.schedules import Every  # noqa: E402
+from spectra.analysis.analyzer import analyze  # noqa: E402
+from spectra.tasks.runs import gpt_run, mlp_run  # noqa: E402
+from spectra.methods.oialr.controller import convert_layers  # noqa: E402
+from spectra.tasks.models import GPT, MLP, GPTConfig  # noqa: E402
+from spectra.capture.schedules import Every  # noqa: E402
 from spectra.store import is_run_store, open_run  # noqa: E402
-from spectra.train import ClassifierTraining, GPTTraining  # noqa: E402
+from spectra.tasks.loops import ClassifierTraining, GPTTraining  # noqa: E402
 
 # label → (method, options). The MLP's first layer holds 60% of its weights; the calibration
-# (DESIGN §7) and the official code's default (keep_first_layer=False) factorise it. The GPT
+# (docs/architecture.md §7) and the official code's default (keep_first_layer=False) factorise it. The GPT
 # keeps the defaults. "oialr-reset" (MLP) measures the choice of transforming Adam's moments,
 # "*-b0.1" (MLP) a milder cut than the default β = 0.2, "*-t0.01" a 10× looser trigger.
 VARIANTS = {
@@ -66,7 +66,7 @@ COLORS = {"full": "tab:gray", "oialr": "tab:blue", "oialr-stability": "tab:orang
           "oialr-reset": "tab:green", "oialr-b0.1": "tab:purple",
           "oialr-stability-b0.1": "tab:brown", "oialr-stability-t0.01": "tab:red"}
 SCORE = {"mlp": ("test_accuracy", "epoch"), "gpt": ("val_bpc", "step")}
-VOCAB = 73  # characters of the KJV text (spectra.data.CharCorpus): the GPT's output size
+VOCAB = 73  # characters of the KJV text (spectra.tasks.data.CharCorpus): the GPT's output size
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import scipy.linalg
 
-from spectra.linalg import blas_threads
+from spectra.core.linalg import blas_threads
 
 SHAPES = [(384, 128), (128, 128), (512, 128), (128, 512)] * 4 + [(73, 128)]
 
@@ -101,7 +101,7 @@ def lapack_bound(path: Path) -> float:
 
 
 def timed_analyze(path: Path, k: int) -> float:
-    from spectra.analyze import analyze
+    from spectra.analysis.analyzer import analyze
     shutil.rmtree(path / "analysis", ignore_errors=True)
     start = time.perf_counter()
     analyze(path, k=k, quiet=True)
@@ -113,7 +113,7 @@ def child_peak(path: Path) -> dict:
     numpy reports its arrays to), in MB."""
     code = (
         "import json, shutil, tracemalloc\n"
-        "from spectra.analyze import analyze\n"
+        "from spectra.analysis.analyzer import analyze\n"
         f"shutil.rmtree({str(path / 'analysis')!r}, ignore_errors=True)\n"
         "tracemalloc.start()\n"
         f"frame = analyze({str(path)!r}, k=8, quiet=True)\n"

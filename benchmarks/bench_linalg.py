@@ -1,4 +1,4 @@
-"""Time every SVD method of spectra.linalg side by side on this machine.
+"""Time every SVD method of spectra.core.linalg side by side on this machine.
 
     python benchmarks/bench_linalg.py [--threads 1,2] [--repeats 5] [--ks 8,32] [--quick]
                                       [--shapes 1024x1024x2,...]
@@ -8,7 +8,7 @@ triplets, the full reduced SVD) it times ``batched_svd(method=...)``, ``auto``, 
 references (scipy gesdd, torch.linalg), at each thread count asked for, interleaving every
 case in each repeat and keeping the minimum (the machine is shared and noisy). It prints ms
 per matrix and the ratio to scipy gesdd values-only at 1 thread of the same shape: the numbers
-``auto``'s rule in spectra/linalg.py is built on. Top-k is timed on two spectra: Gaussian
+``auto``'s rule in spectra/core/linalg.py is built on. Top-k is timed on two spectra: Gaussian
 entries (a flat Marchenko–Pastur bulk, the randomized method's worst case: it gives up and
 falls back) and a power law σ_i = 1/i (typical of trained weights and their updates). gesvd
 with vectors is only timed where min(m, n) ≤ 128: it took 1.4 s per 512×512 matrix. Two
@@ -30,7 +30,7 @@ import torch
 from threadpoolctl import ThreadpoolController
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from spectra.linalg import batched_svd  # noqa: E402
+from spectra.core.linalg import batched_svd  # noqa: E402
 
 # (m, n, B): the shapes of our runs; B keeps each call at tens of ms or more.
 SHAPES = [(128, 128, 64), (512, 128, 32), (512, 784, 8), (512, 512, 8), (1024, 1024, 2)]

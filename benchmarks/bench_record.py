@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from spectra.data import CharCorpus, kjv_text
-from spectra.models import GPT, GPTConfig
-from spectra.record import Recorder
+from spectra.tasks.data import CharCorpus, kjv_text
+from spectra.tasks.models import GPT, GPTConfig
+from spectra.capture.recorder import Recorder
 from spectra.store import RunWriter
-from spectra.train import GPTTraining, train_char_gpt
+from spectra.tasks.loops import GPTTraining, train_char_gpt
 
 
 class AppendTimer:

@@ -5,7 +5,7 @@ import sys
 import torch
 
 import spectra
-from spectra.record import Recorder
+from spectra.capture.recorder import Recorder
 
 
 def make_model():

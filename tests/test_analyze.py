@@ -7,9 +7,9 @@ import scipy.linalg
 import torch
 
 import spectra
-import spectra.analyze as analyze_module
+import spectra.analysis.analyzer as analyze_module
 from conftest import TinyNet, train_steps
-from spectra.analyze import analyze, singular_values
+from spectra.analysis.analyzer import analyze, singular_values
 from spectra.store import MatrixSpec, create_run
 
 M, N = 40, 30

@@ -34,8 +34,8 @@ def test_info_on_a_bad_path_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_analyze_writes_the_frame_and_plot_compares_runs(tmp_path, capsys):
-    from spectra.experiments import mlp_run
-    from spectra.train import ClassifierTraining
+    from spectra.tasks.runs import mlp_run
+    from spectra.tasks.loops import ClassifierTraining
     for seed in (0, 1):
         mlp_run("full", tmp_path / f"s{seed}.zarr", quiet=True,
                 training=ClassifierTraining(epochs=1, seed=seed), every=20)

@@ -2,8 +2,8 @@ import math
 
 import torch
 
-from spectra.data import CharCorpus, kjv_text, mnist5k, pydoc_text
-from spectra.models import GPT, MLP, GPTConfig
+from spectra.tasks.data import CharCorpus, kjv_text, mnist5k, pydoc_text
+from spectra.tasks.models import GPT, MLP, GPTConfig
 
 
 def test_kjv_text_ships_offline_without_verse_numbers():

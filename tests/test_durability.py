@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 import spectra
 from record_child import make_model, trajectory_step
-from spectra.record import Recorder
+from spectra.capture.recorder import Recorder
 from spectra.store import StoreError
 
 HERE = Path(__file__).parent

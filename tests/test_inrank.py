@@ -5,11 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from spectra.lowrank import build_method
-from spectra.lowrank.adam_state import ColumnMap, remap_state
-from spectra.lowrank.inrank import InRankController, next_rank, select_linears, to_inrank
-from spectra.lowrank.inrank_layers import InRankEfficientLinear, InRankLinear
-from spectra.models import GPT, GPTConfig
+from spectra.methods import build_method
+from spectra.methods.optim_state import ColumnMap, remap_state
+from spectra.methods.inrank.controller import InRankController, next_rank, select_linears, to_inrank
+from spectra.methods.inrank.layers import InRankEfficientLinear, InRankLinear
+from spectra.tasks.models import GPT, GPTConfig
 
 
 def official_ratio(s, j):

@@ -11,8 +11,8 @@ import scipy.linalg
 import torch
 from threadpoolctl import ThreadpoolController, threadpool_info
 
-from spectra import linalg
-from spectra.linalg import SVD, batched_svd
+from spectra.core import linalg
+from spectra.core.linalg import SVD, batched_svd
 
 DENSE_METHODS = ["gesdd", "gesvd", "gram"]
 ALL_METHODS = DENSE_METHODS + ["randomized"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from spectra import metrics as M
+from spectra.core import metrics as M
 
 
 def random_spectra(shape, seed=0):

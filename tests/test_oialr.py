@@ -7,17 +7,17 @@ from torch import nn
 from torch.nn import functional as F
 
 import spectra
-from spectra.lowrank import build_method
-from spectra.lowrank.oialr import (
+from spectra.methods import build_method
+from spectra.methods.oialr.controller import (
     OIALR,
     FixedDelay,
     convert_layers,
     next_rank,
     oialr_candidates,
 )
-from spectra.lowrank.oialr_layers import SVDConv2d, SVDLinear, to_svd_layer
-from spectra.lowrank.oialr_trigger import StabilityTrigger
-from spectra.metrics import oialr_stability
+from spectra.methods.oialr.layers import SVDConv2d, SVDLinear, to_svd_layer
+from spectra.methods.oialr.trigger import StabilityTrigger
+from spectra.core.metrics import oialr_stability
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,6 @@
 """Figures draw the frame's numbers: checked on the artists, not just on the files."""
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -29,26 +30,26 @@ def test_rank_curves_draw_updates_and_weights_per_matrix_in_model_order():
     lines = {line.get_label(): line for line in axes[1].get_lines()}
     np.testing.assert_array_equal(lines["weights"].get_ydata(), [10, 11, 12, 13, 14])
     np.testing.assert_array_equal(lines["updates"].get_xdata(), [1, 2, 3, 4])  # ΔW_0 not drawn
-    plot.plt.close(fig)
+    plt.close(fig)
 
 
 def test_stability_heatmap_shows_distance_from_one():
     fig = plot.stability_heatmap(_frame())
     mesh = fig.axes[0].collections[0]
     np.testing.assert_allclose(np.asarray(mesh.get_array()).reshape(2, 5)[0], 10.0 ** -np.arange(1, 6))
-    plot.plt.close(fig)
+    plt.close(fig)
 
 
 def test_singular_values_and_comparison():
     fig = plot.singular_values(_frame(), params=["a.weight"])
     lines = {line.get_label(): line.get_ydata() for line in fig.axes[0].get_lines()}
     np.testing.assert_allclose(lines["σ2"], np.arange(1, 6) / 2)
-    plot.plt.close(fig)
+    plt.close(fig)
     other = _frame().assign(value=lambda f: f["value"] * 2)
     fig = plot.compare_runs({"one": _frame(), "two": other}, target="weights")
     lines = {line.get_label(): line.get_ydata() for line in fig.axes[0].get_lines()}
     np.testing.assert_array_equal(lines["two"], 2 * lines["one"])
-    plot.plt.close(fig)
+    plt.close(fig)
     renamed = _frame().assign(param=lambda f: f["param"].astype(str) + "x")
     with pytest.raises(ValueError, match="share no matrix"):
         plot.compare_runs({"one": _frame(), "two": renamed})

@@ -10,7 +10,7 @@ import torch
 
 import spectra
 from conftest import TinyNet, train_steps
-from spectra.record import Recorder
+from spectra.capture.recorder import Recorder
 from spectra.store import RunWriter, StoreError
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from spectra.schedules import Every, LogSpaced, Steps, make_schedule
+from spectra.capture.schedules import Every, LogSpaced, Steps, make_schedule
 
 
 def _members(schedule, upto):

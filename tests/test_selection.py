@@ -6,7 +6,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from conftest import TinyNet
-from spectra.selection import select_matrices
+from spectra.capture.selection import select_matrices
 
 
 def _names(model, **kw):

@@ -1,4 +1,4 @@
-"""Theory checks on deep linear networks (spectra.theory): the toy setting, the closed forms,
+"""Theory checks on deep linear networks (spectra.methods.theory): the toy setting, the closed forms,
 and small versions of C1–C6 that pass where theory says they hold and fail where it says they
 break (large init scale α, Adam's timing)."""
 
@@ -12,13 +12,13 @@ from scipy import special
 
 import spectra
 from spectra.cli import main
-from spectra.theory import checks
-from spectra.theory.closed_forms import (crossing_time, mode_trajectory, plateau_losses,
+from spectra.methods.theory import checks
+from spectra.methods.theory.closed_forms import (crossing_time, mode_trajectory, plateau_losses,
                                          saxe_depth2)
-from spectra.theory.linear_nets import (DeepLinearNet, init_orthogonal, make_teacher,
+from spectra.methods.theory.linear_nets import (DeepLinearNet, init_orthogonal, make_teacher,
                                         whitened_inputs)
-from spectra.theory.measure import first_crossing, load
-from spectra.theory.training import Setting, train
+from spectra.methods.theory.measure import first_crossing, load
+from spectra.methods.theory.training import Setting, train
 
 # Small and fast: a rank-3 teacher in 4 dimensions, τ = 1/0.02 = 50 steps.
 SMALL = Setting(depth=3, alpha=0.1, teacher=(4.0, 2.0, 1.0), dim=4, width=16, lr=0.02,

@@ -1,0 +1,7 @@
+"""`python -m spectra.cli`: the same as the `spectra` command."""
+
+import sys
+
+from spectra.cli import main
+
+sys.exit(main())

@@ -1,0 +1,83 @@
+"""`spectra analyze` and `spectra plot`: metrics of stores, and their figures."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    analyze = commands.add_parser("analyze", help="spectral metrics of a store (cached in it)")
+    analyze.add_argument("store", type=Path)
+    analyze.add_argument("-o", "--output", type=Path, help="write the frame (.csv or .parquet)")
+    _analysis_options(analyze)
+    analyze.set_defaults(func=_analyze)
+
+    plot = commands.add_parser("plot", help="figures of one or more stores")
+    plot.add_argument("stores", type=Path, nargs="+")
+    plot.add_argument("-o", "--out", type=Path, required=True, help="folder for the PNGs")
+    plot.add_argument("--metric", default="effective_rank", help="metric compared across runs")
+    _analysis_options(plot)
+    plot.set_defaults(func=_plot)
+
+
+def _analysis_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--k", type=int, default=8, help="top-k subspace size (0: values only)")
+    parser.add_argument("--targets", nargs="+", default=["updates", "weights"],
+                        choices=["updates", "weights"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _analyzed(store: Path, args: argparse.Namespace):
+    from spectra.analysis.analyzer import analyze
+    return analyze(store, targets=args.targets, k=args.k, device=args.device, quiet=args.quiet)
+
+
+def _analyze(args: argparse.Namespace) -> None:
+    frame = _analyzed(args.store, args)
+    if args.output:
+        _write_frame(frame, args.output)
+        print(f"wrote {len(frame)} rows to {args.output}")
+    print(_summary(frame).to_string(float_format=lambda v: f"{v:.4g}"))
+
+
+def _summary(frame):
+    """Last snapshot per matrix: ranks of ΔW_t and W_t, and stability against the previous."""
+    last = frame[frame["step"] == frame["step"].max()]
+    wanted = {("effective_rank", "updates"): "erank ΔW", ("effective_rank", "weights"): "erank W",
+              ("stable_rank", "updates"): "stable ΔW", ("numerical_rank", "weights"): "num. rank W",
+              ("oialr_stability_prev", "weights"): "stability W"}
+    table = last.pivot_table(index="param", columns=["metric", "target"], values="value",
+                             observed=True, sort=False)
+    columns = [c for c in wanted if c in table.columns]
+    table = table[columns]
+    table.columns = [wanted[c] for c in columns]
+    table.index.name = f"step {int(last['step'].iloc[0])}"
+    return table
+
+
+def _write_frame(frame, path: Path) -> None:
+    if path.suffix == ".parquet":
+        frame.to_parquet(path)
+    elif path.suffix == ".csv":
+        frame.to_csv(path, index=False)
+    else:
+        raise ValueError(f"--output {path}: use a .csv or .parquet file name")
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from spectra import plot
+    frames = {}
+    for store in args.stores:
+        frames[store.stem] = frame = _analyzed(store, args)
+        for path in plot.run_figures(frame, args.out, store.stem):
+            print(f"wrote {path}")
+    if len(frames) > 1:
+        for target in args.targets:
+            try:
+                fig = plot.compare_runs(frames, metric=args.metric, target=target)
+            except ValueError as exc:  # e.g. runs of different models
+                print(f"no comparison figure: {exc}")
+                break
+            print(f"wrote {plot.save(fig, args.out / f'compare-{args.metric}-{target}.png')}")

@@ -1,0 +1,282 @@
+"""InRank layers: a Linear whose weight (or whose cumulative update) is a low-rank product.
+
+- :class:`InRankLinear` (vanilla InRank): W = W_0 + U Vᵀ, W_0 the frozen starting weight.
+- :class:`InRankEfficientLinear` (efficient InRank): W = U Vᵀ, no dense weight at all; the
+  official code names the factors B = U (out, k) and A = Vᵀ (k, in).
+
+Both hold U (out_features, k) and V (in_features, k) as Parameters, with k = min(rank + buffer,
+max_rank) *active* columns: ``rank`` is what the InRank rule decided, ``buffer`` the extra
+columns that let the next directions show up (the controller in spectra.methods.inrank.controller decides
+when to grow). Only the active columns exist, so parameter count and compute are those of the
+current rank. ``weight`` is the dense effective weight (out, in), a tensor computed from the
+factors, not a Parameter, so spectra's Recorder records these layers like any Linear.
+
+Growing keeps the function: new columns get U = 0 and V = random unit-norm directions
+orthogonal to the current V (scaled to the current columns' mean norm), so the buffer explores
+input directions the layer does not use yet. Resizing swaps new tensors into the Parameters,
+keeping the Parameter objects the optimizer holds; each change returns the ColumnMaps that
+spectra.methods.optim_state needs to carry the optimizer state over.
+
+State dict: the factors plus ``_extra_state = {"rank": r, "buffer": b}``; loading resizes the
+factors first, so a checkpoint loads into a layer of any rank.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from spectra.core.linalg import batched_svd
+from spectra.methods.optim_state import ColumnMap
+
+NEW_COLUMNS = ("orthogonal", "random", "kaiming")
+
+
+class LowRankLinear(nn.Module):
+    """Common part of the InRank layers: factors U (out, k), V (in, k), bias, rank and buffer.
+
+    Args:
+        in_features, out_features: as nn.Linear.
+        rank: the rank r decided so far (≥ 0). buffer: extra active columns b (≥ 0).
+        max_rank: cap on the active columns k = min(r + b, max_rank); default min(in, out).
+        bias: learn an additive bias (out,).
+        init_scale: norm of each new column of V when the layer has none yet.
+        new_columns: how columns are activated: "orthogonal" (default: U = 0, V orthogonal to
+            the current V, function unchanged), "random" (U = 0, V random directions of the
+            same norm, not orthogonalised), "kaiming" (the official code's preallocated
+            columns: U ~ U(±1/√(min(m, n)/2)), V ~ U(±1/√in); the function jumps).
+        generator: torch.Generator for the random new directions (reproducible growth).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, rank: int = 2, buffer: int = 16,
+                 max_rank: int | None = None, bias: bool = True, init_scale: float = 1.0,
+                 new_columns: str = "orthogonal", generator: torch.Generator | None = None,
+                 device: Any = None, dtype: Any = None):
+        super().__init__()
+        full = min(in_features, out_features)
+        max_rank = full if max_rank is None else max_rank
+        _check_int("max_rank", max_rank, 1, full)
+        _check_int("rank", rank, 0, max_rank)
+        _check_int("buffer", buffer, 0, None)
+        if not init_scale > 0:
+            raise ValueError(f"init_scale={init_scale!r}; must be > 0")
+        if new_columns not in NEW_COLUMNS:
+            raise ValueError(f"new_columns={new_columns!r}; accepted: {NEW_COLUMNS}")
+        self.new_columns = new_columns
+        self.in_features, self.out_features = in_features, out_features
+        self.max_rank, self.init_scale, self.generator = max_rank, init_scale, generator
+        self.rank, self.buffer = rank, buffer
+        factory = {"device": device, "dtype": dtype}
+        self.u = nn.Parameter(torch.zeros(out_features, 0, **factory))
+        self.v = nn.Parameter(torch.zeros(in_features, 0, **factory))
+        self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+        self._activate(min(rank + buffer, max_rank))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **options: Any) -> "LowRankLinear":
+        """A layer of this kind in place of ``linear``: same shape, device, dtype and bias; the
+        weight set from ``linear.weight`` as the subclass says (``_start_from``)."""
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                    device=linear.weight.device, dtype=linear.weight.dtype, **options)
+        with torch.no_grad():
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+            layer._start_from(linear.weight.detach())
+        return layer
+
+    def _start_from(self, weight: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    @property
+    def active_rank(self) -> int:
+        """k: the number of columns of U and V, min(rank + buffer, max_rank)."""
+        return self.u.shape[1]
+
+    @property
+    def full_rank(self) -> int:
+        """min(in_features, out_features): the total rank the layer could have."""
+        return min(self.in_features, self.out_features)
+
+    def product(self) -> torch.Tensor:
+        """U Vᵀ (out, in): the low-rank part of the weight (what the InRank rule measures)."""
+        return self.u @ self.v.T
+
+    def grow(self, rank: int) -> list[ColumnMap]:
+        """Set the rank to ``rank`` (≥ the current one) and activate rank + buffer columns
+        (capped at max_rank), new ones with U = 0 so the output does not change."""
+        if rank < self.rank:
+            raise ValueError(f"rank={rank} < current rank {self.rank}; InRank never shrinks "
+                             "(use truncate() to drop the buffer)")
+        _check_int("rank", rank, 0, self.max_rank)
+        self.rank = rank
+        return self._activate(min(rank + self.buffer, self.max_rank))
+
+    @torch.no_grad()
+    def truncate(self) -> list[ColumnMap]:
+        """Keep the top ``rank`` singular directions of U Vᵀ and drop the buffer (buffer → 0).
+
+        With U = Q_U R_U, V = Q_V R_V and the SVD of the small core R_U R_Vᵀ = P S Qᵀ:
+        U' = U T_U, V' = V T_V with T_U = R_U⁺ P_r S_r^½, T_V = R_V⁺ Q_r S_r^½, so U' V'ᵀ is the
+        best rank-r approximation of U Vᵀ with balanced factors. The ColumnMaps carry the
+        optimizer state through these linear maps (see adam_state).
+        """
+        r = min(self.rank, self.active_rank)
+        u, v = self.u.detach().double(), self.v.detach().double()
+        r_u, r_v = torch.linalg.qr(u).R, torch.linalg.qr(v).R
+        svd = batched_svd((r_u @ r_v.T)[None], compute="full")
+        root = svd.S[0, :r].sqrt()
+        t_u = torch.linalg.pinv(r_u) @ (svd.U[0, :, :r] * root)
+        t_v = torch.linalg.pinv(r_v) @ (svd.Vh[0, :r].T * root)
+        dtype = self.u.dtype
+        self._assign(self.u, (u @ t_u).to(dtype))
+        self._assign(self.v, (v @ t_v).to(dtype))
+        self.buffer = 0
+        return [ColumnMap(self.u, t_v.to(dtype)), ColumnMap(self.v, t_u.to(dtype))]
+
+    # -- resizing ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _activate(self, k: int) -> list[ColumnMap]:
+        """Grow to k active columns (k ≥ current): U gets zero columns, V new directions."""
+        old = self.active_rank
+        if k <= old:
+            return []
+        new_u, new_v = self._new_columns(k - old)
+        self._assign(self.u, torch.cat([self.u, new_u], 1))
+        self._assign(self.v, torch.cat([self.v, new_v], 1))
+        keep = torch.eye(old, dtype=self.u.dtype, device=self.u.device)
+        return [ColumnMap(self.u, keep, fresh=k - old), ColumnMap(self.v, keep, fresh=k - old)]
+
+    def _new_columns(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out, count) new columns of U and (in, count) of V, as ``new_columns`` says."""
+        u = self.u.new_zeros(self.out_features, count)
+        if self.new_columns == "kaiming":
+            u_bound = 1 / math.sqrt(max(1, self.full_rank // 2))
+            u = (torch.rand(u.shape, generator=self.generator) * 2 - 1) * u_bound
+            v = (torch.rand(self.in_features, count, generator=self.generator) * 2 - 1)
+            return u.to(self.u), (v / math.sqrt(self.in_features)).to(self.v)
+        return u, self._new_directions(count)
+
+    def _new_directions(self, count: int) -> torch.Tensor:
+        """(in, count) random columns, each with the mean column norm of V (``init_scale``
+        while V is empty); with new_columns="orthogonal", orthonormal and orthogonal to span(V)."""
+        v = self.v.detach().double()
+        draw = torch.randn(self.in_features, count, generator=self.generator, dtype=torch.float64)
+        draw = draw.to(v.device)
+        scale = (v.norm(dim=0).mean().item() if v.shape[1] else 0.0) or self.init_scale
+        if self.new_columns == "random":
+            return (draw / draw.norm(dim=0) * scale).to(self.v.dtype)
+        if v.shape[1]:
+            basis = torch.linalg.qr(v).Q
+            for _ in range(2):  # twice: orthogonal to rounding
+                draw -= basis @ (basis.T @ draw)
+        directions = torch.linalg.qr(draw).Q
+        return (directions * scale).to(self.v.dtype)
+
+    def _assign(self, param: nn.Parameter, value: torch.Tensor) -> None:
+        """Give ``param`` new values (and shape), keeping the Python object the optimizer holds.
+
+        ``torch.utils.swap_tensors`` rather than ``param.data = value``: the latter keeps the
+        autograd accumulator of the old shape, which breaks backward while any graph built
+        before the resize is still alive."""
+        fresh = nn.Parameter(value.detach().contiguous(), requires_grad=param.requires_grad)
+        torch.utils.swap_tensors(param, fresh)
+        param.grad = None
+
+    # -- state dict ----------------------------------------------------------------------------
+
+    def get_extra_state(self) -> dict[str, int]:
+        return {"rank": self.rank, "buffer": self.buffer}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        self.rank, self.buffer = int(state["rank"]), int(state["buffer"])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """Resize the factors to the checkpoint's before the values are copied in."""
+        extra = state_dict.get(prefix + "_extra_state")
+        if extra is not None and prefix + "u" in state_dict:
+            self.set_extra_state(extra)
+            k = state_dict[prefix + "u"].shape[1]
+            self._assign(self.u, self.u.new_zeros(self.out_features, k))
+            self._assign(self.v, self.v.new_zeros(self.in_features, k))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"rank={self.rank}, buffer={self.buffer}, active={self.active_rank}/"
+                f"{self.full_rank}, bias={self.bias is not None}")
+
+
+class InRankLinear(LowRankLinear):
+    """Vanilla InRank: y = x (W_0 + U Vᵀ)ᵀ + bias, with W_0 (out, in) frozen (a buffer).
+
+    The cumulative update W − W_0 is exactly U Vᵀ: its rank is what the rule watches. Options
+    as LowRankLinear. ``from_linear`` starts from an nn.Linear: W_0 = its weight, U Vᵀ = 0
+    (with new_columns="orthogonal" or "random"), so the function is unchanged.
+    """
+
+    def __init__(self, in_features: int, out_features: int, **options: Any):
+        super().__init__(in_features, out_features, **options)
+        self.register_buffer("weight0", self.u.new_zeros(out_features, in_features))
+
+    def _start_from(self, weight: torch.Tensor) -> None:
+        self.weight0.copy_(weight)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """W_0 + U Vᵀ, (out, in)."""
+        return self.weight0 + self.product()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class InRankEfficientLinear(LowRankLinear):
+    """Efficient InRank: y = (x V) Uᵀ + bias; the whole weight is U Vᵀ, trained from scratch.
+
+    Stage 1 (rank search): rank + buffer active columns, grown by the controller. Stage 2:
+    :meth:`truncate` keeps the top ``rank`` directions, drops the buffer; training continues at
+    that fixed rank. The forward never forms the dense weight: (in + out)·k multiply-adds per
+    input row instead of in·out. Options as LowRankLinear (rank + buffer ≥ 1). Built directly,
+    U is random so that U Vᵀ has nn.Linear's entry scale; ``from_linear`` starts from the best
+    rank-k approximation of the linear's weight (balanced factors U S^½, V S^½, k = rank +
+    buffer): from scratch when the linear is freshly initialised, the model's own random
+    initialisation restricted to rank k.
+    """
+
+    def __init__(self, in_features: int, out_features: int, **options: Any):
+        super().__init__(in_features, out_features, **options)
+        k = self.active_rank
+        if k == 0:
+            raise ValueError("rank + buffer must be ≥ 1 for InRankEfficientLinear (its whole "
+                             "weight is U Vᵀ)")
+        with torch.no_grad():  # entries of U Vᵀ with nn.Linear's std 1/sqrt(3·in)
+            self.u.normal_(0.0, 1.0 / (self.init_scale * math.sqrt(3 * k)),
+                           generator=self.generator)
+
+    def _start_from(self, weight: torch.Tensor) -> None:
+        svd = batched_svd(weight[None], compute="topk", k=self.active_rank)
+        root = svd.S[0].sqrt()
+        self._assign(self.u, (svd.U[0] * root).to(weight.dtype))
+        self._assign(self.v, (svd.Vh[0].T * root).to(weight.dtype))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """U Vᵀ, (out, in)."""
+        return self.product()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.v.T), self.u, self.bias)
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+    if not ok or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name}={value!r}; must be an int {bound}")
