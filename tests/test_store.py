@@ -180,3 +180,16 @@ def test_xarray_opens_root_and_param_groups(tmp_path):
     assert param["init"].dims == ("row", "col")
     weights = param["init"] + param["updates"]
     np.testing.assert_array_equal(weights.isel(snapshot=1).values, init["a"] + 4)
+
+
+def test_the_parameter_dtype_is_kept_and_old_stores_fall_back_to_init(tmp_path):
+    w0 = np.zeros((3, 2), np.float32)
+    writer = create_run(tmp_path / "a.zarr", [MatrixSpec("w", (3, 2), (3, 2), "linear", "bfloat16"),
+                                              MatrixSpec("v", (3, 2), (3, 2), "linear")],
+                        {"w": w0, "v": w0})
+    writer.append(0, {"w": w0, "v": w0})
+    run = spectra.open_run(tmp_path / "a.zarr")
+    assert run.spec("w").dtype == "bfloat16" and run.spec("v").dtype == "float32"
+    root = zarr.open_group(tmp_path / "a.zarr", mode="r+", use_consolidated=False)
+    del root["params/w"].attrs["dtype"]  # a store written before the attribute existed
+    assert spectra.open_run(tmp_path / "a.zarr").spec("w").dtype == "float32"

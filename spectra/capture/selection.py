@@ -47,7 +47,7 @@ def select_matrices(model: nn.Module, *, include: str | Sequence[str] | None = N
     candidates = _effective_weights(model) + _parameter_matrices(model, skip=_effective_prefixes(model))
     candidates.sort(key=lambda c: c[0])
     chosen, matched = [], set()
-    for _, names, kind, read, original_shape in candidates:
+    for _, names, kind, read, original_shape, dtype in candidates:
         hits = [p for p in include if any(fnmatch.fnmatchcase(n, p) for n in names)]
         matched.update(hits)
         if include and not hits:
@@ -58,7 +58,8 @@ def select_matrices(model: nn.Module, *, include: str | Sequence[str] | None = N
             continue
         m = original_shape[0]
         n = int(torch.Size(original_shape[1:]).numel())
-        spec = MatrixSpec(name=names[0], shape=(m, n), original_shape=original_shape, kind=kind)
+        spec = MatrixSpec(name=names[0], shape=(m, n), original_shape=original_shape, kind=kind,
+                          dtype=str(dtype).removeprefix("torch."))
         chosen.append(RecordedMatrix(spec=spec, read=read))
     unmatched = [p for p in include if p not in matched]
     if unmatched:
@@ -72,7 +73,8 @@ def select_matrices(model: nn.Module, *, include: str | Sequence[str] | None = N
 
 
 def _parameter_matrices(model: nn.Module, skip: list[str]) -> list[tuple]:
-    """(order, names, kind, read, original_shape) for each ≥2-D parameter, tied ones once."""
+    """(order, names, kind, read, original_shape, dtype) for each ≥2-D parameter, tied ones
+    once."""
     owners = dict(model.named_modules())
     by_id: dict[int, list[str]] = {}
     order: dict[int, int] = {}
@@ -88,20 +90,22 @@ def _parameter_matrices(model: nn.Module, skip: list[str]) -> list[tuple]:
         p = params[key]
         path, _, attr = names[0].rpartition(".")
         out.append((order[key], names, _kind(owners[path]), _reader(model, path, attr),
-                    tuple(p.shape)))
+                    tuple(p.shape), p.dtype))
     return out
 
 
 def _effective_weights(model: nn.Module) -> list[tuple]:
-    """(order, names, kind, read, original_shape) for modules exposing a dense effective weight."""
+    """(order, names, kind, read, original_shape, dtype) for modules exposing a dense effective
+    weight."""
     out = []
     order = {name: i for i, (name, _) in enumerate(model.named_parameters(remove_duplicate=False))}
     for prefix in _effective_prefixes(model):
         module = model.get_submodule(prefix)
         first_param = min((i for n, i in order.items() if _under(n, prefix)), default=-1)
         name = f"{prefix}.weight" if prefix else "weight"
-        shape = tuple(_effective(module).shape)
-        out.append((first_param, [name], "effective", _reader(model, prefix, "weight"), shape))
+        weight = _effective(module)
+        out.append((first_param, [name], "effective", _reader(model, prefix, "weight"),
+                    tuple(weight.shape), weight.dtype))
     return out
 
 

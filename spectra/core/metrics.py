@@ -30,8 +30,11 @@ ArrayLike = Any  # numpy array, torch tensor, or anything np.asarray accepts
 
 
 def storage_eps(dtype: Any) -> float:
-    """Machine epsilon of a floating dtype: numpy (``np.float32``, ``"float16"``) or torch
-    (``torch.bfloat16``). float64 2.2e-16, float32 1.2e-7, float16 9.8e-4, bfloat16 7.8e-3."""
+    """Machine epsilon of a floating dtype: numpy (``np.float32``, ``"float16"``), torch
+    (``torch.bfloat16``) or a torch dtype's name (``"bfloat16"``). float64 2.2e-16, float32
+    1.2e-7, float16 9.8e-4, bfloat16 7.8e-3."""
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
+        dtype = getattr(torch, dtype)  # names numpy lacks: "bfloat16"
     if isinstance(dtype, torch.dtype):
         if not dtype.is_floating_point:
             raise ValueError(f"dtype {dtype} is not a floating dtype")

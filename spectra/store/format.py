@@ -33,12 +33,15 @@ class MatrixSpec:
     shape: (m, n) of the stored matrix; conv kernels (out, in, k...) become (out, in·k...).
     original_shape: the parameter's own shape.
     kind: "linear", "conv", "embedding", "effective" (a module's dense effective weight) or "matrix".
+    dtype: the parameter's dtype name ("float32", "bfloat16", ...): the precision the matrix was
+        trained in, which numerical ranks are measured against. None when creating: that of W_0.
     """
 
     name: str
     shape: tuple[int, int]
     original_shape: tuple[int, ...]
     kind: str
+    dtype: str | None = None
 
 
 def is_run_store(path: str | Path) -> bool:
@@ -79,9 +82,12 @@ def open_root(path: Path, mode: str) -> zarr.Group:
 
 
 def read_spec(root: zarr.Group, name: str) -> MatrixSpec:
-    attrs = root[f"params/{name}"].attrs
+    group = root[f"params/{name}"]
+    attrs = group.attrs
+    dtype = attrs.get("dtype") or str(group["init"].dtype)  # stores before the dtype attr
     return MatrixSpec(name=name, shape=tuple(attrs["shape"]),
-                      original_shape=tuple(attrs["original_shape"]), kind=attrs["kind"])
+                      original_shape=tuple(attrs["original_shape"]), kind=attrs["kind"],
+                      dtype=dtype)
 
 
 def series_array(group: zarr.Group, name: str, dtype: Any, fill: Any) -> zarr.Array:
