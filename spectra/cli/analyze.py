@@ -13,7 +13,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     _analysis_options(analyze)
     analyze.set_defaults(func=_analyze)
 
-    plot = commands.add_parser("plot", help="figures of one or more stores")
+    plot = commands.add_parser("plot", help="figures of one or more stores (named by the "
+                               "store, with its folders where names repeat)")
     plot.add_argument("stores", type=Path, nargs="+")
     plot.add_argument("-o", "--out", type=Path, required=True, help="folder for the PNGs")
     plot.add_argument("--metric", default="effective_rank", help="metric compared across runs")
@@ -69,9 +70,9 @@ def _write_frame(frame, path: Path) -> None:
 def _plot(args: argparse.Namespace) -> None:
     from spectra import plot
     frames = {}
-    for store in args.stores:
-        frames[store.stem] = frame = _analyzed(store, args)
-        for path in plot.run_figures(frame, args.out, store.stem):
+    for store, label in zip(args.stores, plot.run_labels(args.stores)):
+        frames[label] = frame = _analyzed(store, args)
+        for path in plot.run_figures(frame, args.out, label):
             print(f"wrote {path}")
     if len(frames) > 1:
         for target in args.targets:
