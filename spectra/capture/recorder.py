@@ -27,7 +27,7 @@ from torch import nn
 from spectra.capture import schedules
 from spectra.capture.host import host_copy
 from spectra.capture.opening import open_store
-from spectra.capture.selection import RecordedMatrix, select_matrices
+from spectra.capture.selection import RecordedMatrix, select_matrices, unwrap
 from spectra.capture.writer_thread import BackgroundWriter
 from spectra.store import RunWriter
 
@@ -36,14 +36,15 @@ class Recorder:
     """Record W_0 and ΔW_t = W_t − W_0 of every weight matrix of ``model`` into ``path``.
 
     Args:
-        model: any nn.Module (a DistributedDataParallel wrapper is unwrapped).
+        model: any nn.Module (DDP, torch.compile and peft wrappers are looked through).
         path: the run store (a directory, created if new; an existing store is resumed).
         every: snapshot every ``every`` steps. Mutually exclusive with ``schedule``.
         schedule: "log" (dense early, sparse late), a schedules.Every/LogSpaced/Steps, or an
             explicit strictly increasing list of steps. Default: every step.
         optimizer: if given, its step post-hook drives the recorder (do not call ``step()``);
             pass scalars with ``log()``. Its hyperparameters go into the store's attrs.
-        include, exclude, embeddings: which matrices (see spectra.capture.selection).
+        include, exclude, embeddings, trainable_only: which matrices (spectra.capture.rules;
+            frozen parameters are skipped unless ``trainable_only=False``).
         start_step: the step the model is at now. New store: default 0. Resumed store: default
             the last committed step, checked against the stored weights.
         config: JSON-serialisable dict kept in attrs["spectra"]["config"].
@@ -59,7 +60,8 @@ class Recorder:
                  schedule: Any = None, optimizer: torch.optim.Optimizer | None = None,
                  include: str | Sequence[str] | None = None,
                  exclude: str | Sequence[str] | None = None, embeddings: bool = False,
-                 start_step: int | None = None, config: Mapping[str, Any] | None = None,
+                 trainable_only: bool = True, start_step: int | None = None,
+                 config: Mapping[str, Any] | None = None,
                  max_pending: int = 2, update_dtype: str = "float64", compressors: Any = "auto"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -69,7 +71,7 @@ class Recorder:
             raise ValueError(f"start_step={start_step!r}; must be a non-negative int")
         if not isinstance(max_pending, int) or max_pending < 1:
             raise ValueError(f"max_pending={max_pending!r}; must be a positive int")
-        self.model = getattr(model, "module", model) if _is_ddp(model) else model
+        self.model = unwrap(model)
         self.path = Path(path)
         self.schedule = schedules.make_schedule(every, schedule)
         self.optimizer = optimizer
@@ -80,7 +82,8 @@ class Recorder:
         self.compressors = compressors
         self.active = _is_writer_rank()
         self.matrices: list[RecordedMatrix] = (
-            select_matrices(self.model, include=include, exclude=exclude, embeddings=embeddings)
+            select_matrices(self.model, include=include, exclude=exclude, embeddings=embeddings,
+                            trainable_only=trainable_only)
             if self.active else [])
         self.global_step: int | None = None
         self._pending_scalars: dict[str, float] = {}
@@ -207,10 +210,6 @@ class Recorder:
         messages = self._background.warnings if self._background is not None else []
         while messages:
             warnings.warn(f"{self.path}: {messages.pop(0)}", RuntimeWarning, stacklevel=3)
-
-def _is_ddp(model: nn.Module) -> bool:
-    return isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel)
-
 
 def _is_writer_rank() -> bool:
     dist = torch.distributed
