@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from spectra import plot
+from spectra.plot import runs
 
 
 def _frame():
@@ -45,9 +46,11 @@ def test_stability_heatmap_shows_distance_from_one():
     plt.close(fig)
 
 
-def _uneven_frame(steps=(0, 10, 100, 250, 251, 400, 500, 501)):
-    """The demo's kind of schedule: log-spaced snapshots plus forced ones a step apart."""
-    rows = [(step, param, "weights", "oialr_stability_prev", np.nan if i == 0 else 1 - 1e-3 * (i + p))
+def _uneven_frame(steps=(0, 10, 100, 250, 251, 400, 500, 501), forced=(251, 501)):
+    """The demo's kind of schedule: log-spaced snapshots plus ``forced`` ones a step after
+    another, where the basis has barely moved (1 − s = 1e-7)."""
+    rows = [(step, param, "weights", "oialr_stability_prev",
+             np.nan if i == 0 else 1 - (1e-7 if step in forced else 1e-3 * (i + p)))
             for p, param in enumerate(["a.weight", "b.weight"]) for i, step in enumerate(steps)]
     return pd.DataFrame(rows, columns=["step", "param", "target", "metric", "value"])
 
@@ -59,7 +62,8 @@ def test_stability_heatmap_cells_span_the_steps_since_the_previous_snapshot():
     mesh = ax.collections[0]
     corners = mesh.get_coordinates()  # (rows + 1, columns + 1, 2)
     np.testing.assert_array_equal(corners[0, :, 0], steps)  # cell i spans steps[i]..steps[i + 1]
-    np.testing.assert_allclose(np.asarray(mesh.get_array())[0], 1e-3 * np.arange(1, 8))
+    np.testing.assert_allclose(np.asarray(mesh.get_array())[0],
+                               [1e-3, 2e-3, 3e-3, 1e-7, 5e-3, 6e-3, 1e-7])
     # a snapshot forced one step after another is a sliver, not a column like its neighbours
     left, right = ax.transData.transform([(250, 0), (251, 0)])[:, 0]
     wide_left, wide_right = ax.transData.transform([(251, 0), (400, 0)])[:, 0]
@@ -67,7 +71,10 @@ def test_stability_heatmap_cells_span_the_steps_since_the_previous_snapshot():
     assert (right - left) / axes_width < 0.002
     assert (wide_right - wide_left) / axes_width > 0.05
     assert "previous snapshot" in ax.get_xlabel()
+    # the colour scale spans the other cells: 251 (a 1-step gap after 150) and 501 do not count
+    assert (mesh.norm.vmin, mesh.norm.vmax) == pytest.approx((1e-3, 7e-3))
     plt.close(fig)
+    assert list(np.flatnonzero(runs._slivers(np.diff(steps).astype(float)))) == [3, 6]
 
 
 def test_stability_heatmap_of_a_single_snapshot_is_a_clear_error(tmp_path):

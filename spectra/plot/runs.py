@@ -70,7 +70,9 @@ def stability_heatmap(frame: pd.DataFrame, metric: str = "oialr_stability_prev",
     Cells sit at their steps on the step axis (symlog, like the other figures). A "vs previous"
     metric compares two snapshots, so its cell spans the steps from the previous snapshot to
     its own: an extra snapshot one step after another draws a one-step sliver, not a column as
-    wide as a hundred-step gap. Any other metric's cell is centred on its snapshot.
+    wide as a hundred-step gap. Any other metric's cell is centred on its snapshot. The colour
+    scale spans the cells that are not slivers (a gap under a tenth of a neighbouring one), so
+    a forced snapshot's tiny one-step change does not stretch it.
     """
     data = _select(frame, metric=metric, target=target)
     steps = np.sort(data["step"].unique())
@@ -84,15 +86,17 @@ def stability_heatmap(frame: pd.DataFrame, metric: str = "oialr_stability_prev",
     else:
         edges = _centred_edges(steps)
     distance = (1.0 - table.to_numpy(dtype=float)).clip(min=1e-12)
-    finite = distance[np.isfinite(distance)]
-    if not finite.size:
+    if not np.isfinite(distance).any():
         raise ValueError(f"no finite {metric!r} of {target} to draw (a 'vs previous' metric "
                          "needs at least two snapshots)")
+    scaled = distance[:, ~_slivers(np.diff(edges))]
+    finite = scaled[np.isfinite(scaled)] if np.isfinite(scaled).any() else distance[
+        np.isfinite(distance)]
     fig, ax = plt.subplots(figsize=(8, 1.4 + 0.3 * len(table)), constrained_layout=True)
     mesh = ax.pcolormesh(edges, np.arange(len(table) + 1), np.ma.masked_invalid(distance),
                          cmap="magma_r", norm=LogNorm(vmin=finite.min(),
                                                       vmax=max(finite.max(), 1.01 * finite.min())))
-    fig.colorbar(mesh, ax=ax, label=f"1 − {LABELS.get(metric, metric)}")
+    fig.colorbar(mesh, ax=ax, label=f"1 − {LABELS.get(metric, metric)}", extend="both")
     ax.set_yticks(np.arange(len(table)) + 0.5, [str(p) for p in table.index], fontsize=7)
     ax.invert_yaxis()
     ax.set_xscale("symlog", linthresh=1, linscale=0.3)
@@ -186,6 +190,13 @@ def _without_initial_update(data: pd.DataFrame) -> pd.DataFrame:
     """``data`` without ΔW_0 = W_0 − W_0 = 0 (the updates' first snapshot): its ranks and
     norms are 0 by definition, not a measurement."""
     return data[~((data["target"] == "updates") & (data["step"] == data["step"].min()))]
+
+
+def _slivers(widths: np.ndarray) -> np.ndarray:
+    """Cells (widths in steps) narrower than a tenth of a neighbouring cell: a snapshot forced
+    right after a scheduled one (steps 250, 251 between gaps of 50)."""
+    widest_neighbour = np.maximum(np.r_[0.0, widths[:-1]], np.r_[widths[1:], 0.0])
+    return 10 * widths < widest_neighbour
 
 
 def _centred_edges(steps: np.ndarray) -> np.ndarray:
