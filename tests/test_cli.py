@@ -46,6 +46,11 @@ def test_analyze_writes_the_frame_and_plot_compares_runs(tmp_path, capsys):
     frame = pandas.read_csv(tmp_path / "f.csv")
     assert list(frame.columns) == ["step", "param", "target", "metric", "value"]
     assert "layers.0.weight" in out and "erank ΔW" in out
+    assert main(["analyze", str(tmp_path / "a" / "run.zarr"), "-o", str(tmp_path / "f.parquet"),
+                 "--quiet"]) == 0  # pyarrow comes with spectra
+    parquet = pandas.read_parquet(tmp_path / "f.parquet")
+    pandas.testing.assert_frame_equal(parquet.astype({"param": str, "target": str, "metric": str}),
+                                      frame, check_dtype=False)
     assert main(["plot", str(tmp_path / "a" / "run.zarr"), str(tmp_path / "b" / "run.zarr"),
                  "-o", str(tmp_path / "fig"), "--k", "0", "--quiet"]) == 0
     names = sorted(p.name for p in (tmp_path / "fig").iterdir())
