@@ -79,6 +79,8 @@ def fsdp2_bitwise(rank, world, port, path):
                 want = matrix(states[int(step)][name]).numpy()
                 np.testing.assert_array_equal(run.weights(name, t), want)
         assert np.isfinite(run.scalars["loss"][1:3]).all()
+        frame = spectra.analyze(path, quiet=True, k=3)  # k: the smallest side (3 rows of up.weight)
+        assert set(frame["param"].unique()) == set(run.params)
     dist.destroy_process_group()
 
 
@@ -108,6 +110,8 @@ def ddp_rank0_records(rank, world, port, path):
         for t in range(4):
             np.testing.assert_array_equal(run.weights("0.weight", t), copies[t][0].numpy())
             np.testing.assert_array_equal(run.weights("2.weight", t), copies[t][2].numpy())
+        frame = spectra.analyze(path, quiet=True, k=2)  # k: the smallest side (2-output head)
+        assert set(frame["param"].unique()) == set(run.params)
     dist.destroy_process_group()
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import spectra
+from conftest import analyze_with_defaults
 from spectra.capture.recorder import Recorder
 
 accelerate = pytest.importorskip("accelerate")
@@ -172,6 +173,7 @@ def test_lightning_counts_optimizer_steps_and_stores_each_steps_loss(tmp_path):
     assert config["integration"] == "lightning" and config["accumulate_grad_batches"] == 3
     assert config["optimizer"]["name"] == "SGD"
     assert callback.recorder is None and not _writer_threads()
+    analyze_with_defaults(callback.path)
 
 
 def test_lightning_exception_closes_the_store(tmp_path):
@@ -282,6 +284,7 @@ def test_hf_trainer_counts_optimizer_steps_and_stores_the_loss_it_logs(tmp_path)
         assert run.scalars["lr"][t] == pytest.approx(logs["learning_rate"], rel=1e-12)
     assert run.attrs["config"]["gradient_accumulation_steps"] == 2
     assert callback.recorder is None and not _writer_threads()
+    analyze_with_defaults(callback.path)
 
 
 def test_hf_trainer_resume_from_checkpoint_continues_the_store(tmp_path):

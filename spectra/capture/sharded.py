@@ -7,7 +7,7 @@ rank (global rank 0) gathers them over a gloo process group of the Recorder's ow
 bounded timeout, and places each shard at its offset (Shard(d) and Replicate placements, any
 mesh). Only the writer rank ever holds full matrices; the others hold one shard at a time.
 Gathering to one writer was measured against every rank writing its own rows of the zarr arrays
-(benchmarks/bench_sharded.py, docs/store.md "Sharded models").
+(benchmarks/bench_sharded.py; the numbers and the choice: docs/distributed.md).
 
 Every collective carries the writer's state first: when the writer has failed, every rank
 raises the same error at the same snapshot instead of waiting. A rank that stops taking part
