@@ -2,12 +2,14 @@
 every matrix snapshotted into a spectra store by ``SpectraCallback``.
 
     python examples/hf_trainer.py [--out runs/hf-gpt2.zarr] [--steps 200] [--tiny]
+    torchrun --nproc_per_node 2 examples/hf_trainer.py     # DDP: rank 0 writes the store
 
 Needs ``pip install "spectra-dynamics[integrations,demo]"`` (transformers; the KJV text). With
 --tiny it trains a 2-layer model for a few steps on Python's own help text (what CI runs).
 """
 
 import argparse
+import os
 import shutil
 
 import torch
@@ -45,16 +47,19 @@ def main() -> None:
     model = GPT2LMHeadModel(GPT2Config(vocab_size=corpus.vocab_size, n_positions=block,
                                        n_embd=width, n_layer=layers, n_head=4,
                                        bos_token_id=0, eos_token_id=0))
-    shutil.rmtree(args.out, ignore_errors=True)
+    if int(os.environ.get("RANK", 0)) == 0:  # (under torchrun, rank 0 writes the store)
+        shutil.rmtree(args.out, ignore_errors=True)
     callback = SpectraCallback(args.out, schedule="log")  # the Recorder's arguments
     training = TrainingArguments(output_dir="runs/hf-trainer-checkpoints", max_steps=steps,
                                  per_device_train_batch_size=8, gradient_accumulation_steps=2,
                                  learning_rate=3e-3, warmup_steps=steps // 10, logging_steps=50,
                                  save_strategy="no", report_to=[], use_cpu=True, seed=0,
                                  disable_tqdm=args.tiny)
-    Trainer(model=model, args=training, train_dataset=Windows(corpus, block, 16 * steps),
-            callbacks=[callback]).train()
-
+    trainer = Trainer(model=model, args=training, callbacks=[callback],
+                      train_dataset=Windows(corpus, block, 16 * steps))
+    trainer.train()
+    if not trainer.is_world_process_zero():
+        return
     run = spectra.open_run(callback.path)
     print(run)  # GPT-2's Conv1D weights are stored (out, in); lm_head (tied to wte) once
     frame = spectra.analyze(run, quiet=True)

@@ -18,19 +18,21 @@ pytest.importorskip("lightning")
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def _run(script, *args, cwd):
+def _run(script, *args, cwd, launcher=()):
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(EXAMPLES.parent), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, str(EXAMPLES / script), "--tiny", *args], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, *launcher, str(EXAMPLES / script), "--tiny", *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 
 
-def test_hf_trainer_example(tmp_path):
-    out = _run("hf_trainer.py", "--out", str(tmp_path / "r.zarr"), cwd=tmp_path)
+def test_hf_trainer_example_with_ddp_under_torchrun(tmp_path):
+    out = _run("hf_trainer.py", "--out", str(tmp_path / "r.zarr"), cwd=tmp_path,
+               launcher=("-m", "torch.distributed.run", "--nproc_per_node", "2"))
     run = spectra.open_run(tmp_path / "r.zarr")
     np.testing.assert_array_equal(run.steps, [0, 1, 2, 3, 4, 5, 6])
+    assert run.attrs["config"]["world_size"] == 2
     assert run.params[-1] == "lm_head.weight"
     assert run.shape("transformer.h.0.mlp.c_fc.weight") == (128, 32)  # Conv1D stored (out, in)
     assert "transformer.h.1.mlp.c_proj.weight" in out  # the printed effective ranks

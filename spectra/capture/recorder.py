@@ -293,9 +293,7 @@ class Recorder:
 
     def _raise_if_failed(self) -> None:
         """Raise the writer's error; a failed writer stays failed (later snapshots are dropped)."""
-        if self._background is not None and self._background.error is not None:
-            self._error = self._background.error
-        if self._error is not None:
+        if self._failure() is not None:
             committed = self._writer.length if self._writer else 0
             raise RuntimeError(f"spectra: writing {self.path} failed ({self._error!r}); the store "
                                f"keeps its {committed} committed snapshots") from self._error
