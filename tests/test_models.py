@@ -326,3 +326,25 @@ def test_lora_on_a_vit_records_the_trained_classifier_copy_under_its_name(tmp_pa
                                       copies[int(step)][trained].numpy())
     frame = analyze_with_defaults(tmp_path / "r.zarr")
     _assert_updates_moved(frame)
+
+
+def test_a_state_dict_read_through_the_shared_rules_matches_the_recorder(tmp_path):
+    """What a checkpoint importer does: layers from a model built on the meta device from its
+    config, tensors from a state dict, oriented by the same rules as the live Recorder."""
+    from spectra.capture import rules
+    from spectra.capture.selection import parameter_layers
+
+    model = _gpt2()
+    with Recorder(model, tmp_path / "r.zarr"):
+        pass
+    run = spectra.open_run(tmp_path / "r.zarr")
+    with torch.device("meta"):
+        skeleton = transformers.GPT2LMHeadModel(model.config)
+    layers = parameter_layers(skeleton)
+    assert layers["transformer.h.0.attn.c_attn.weight"] == ("transposed_linear", 1)
+    state = model.state_dict()
+    for name in run.params:
+        source = "transformer.wte.weight" if name == "lm_head.weight" else name
+        layer, groups = layers[name]
+        matrix = rules.as_matrix(state[source], layer, groups)
+        np.testing.assert_array_equal(run.init(name), matrix.numpy())
