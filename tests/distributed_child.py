@@ -184,7 +184,7 @@ def sharded_failures_raise_on_every_rank(rank, world, port, folder):
     if rank == 1:
         rec.step()
         rec.step()
-        time.sleep(8)  # alive, but no longer recording
+        time.sleep(15)  # alive, but no longer recording
         rec.close(raise_errors=False)
         return
     started = time.monotonic()
@@ -196,7 +196,7 @@ def sharded_failures_raise_on_every_rank(rank, world, port, folder):
     except RuntimeError as exc:
         waited = time.monotonic() - started
         assert "not every rank took part within 3 s" in str(exc), exc
-        assert waited < 7, waited
+        assert waited < 12, waited  # the 3 s timeout, not rank 1 exiting after 15 s
     finally:
         rec.close(raise_errors=False)
     assert list(spectra.open_run(folder / "stop.zarr").steps) == [0, 1, 2]

@@ -249,12 +249,15 @@ class Recorder:
         """Queue the snapshot of the current step (``collected``: (weights,) already collected
         by this rank for this step)."""
         self._require_started()
-        if self._gather is not None:  # every rank learns whether the writer has failed
+        if self._gather is None:
+            self._raise_if_failed()
+        else:  # every rank acts on the same answer, even if the writer fails meanwhile
             failed = self._gather.share(self._failure(), f"the snapshot at step {self.global_step}")
-            if failed is not None and not self.active:
+            if failed is not None and self.active:
+                self._raise_if_failed()
+            if failed is not None:
                 raise RuntimeError(f"spectra: the writer rank failed ({failed}); every rank "
                                    "stops recording")
-        self._raise_if_failed()
         (weights,) = collected or (self._collect(self.global_step),)
         self._last_snapshot = self.global_step
         if not self.active:
