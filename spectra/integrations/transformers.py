@@ -38,6 +38,7 @@ class SpectraCallback(TrainerCallback):
         self.path = self._clock.path
         self._losses: list[torch.Tensor] = []
         self._sum_losses = False  # True when the model's loss is already a share of the step's
+        self._loss_scale = 1  # the Trainer's own factor for token-averaged losses across ranks
         self._lr: float | None = None
         self._hook = None
 
