@@ -32,6 +32,9 @@ from spectra.capture import rules
 from spectra.capture.checkpoints.sources import Checkpoint
 from spectra.capture.selection import parameter_layers, unwrap
 
+_AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSeq2SeqLM",
+                 "AutoModelForSequenceClassification", "AutoModelForImageClassification",
+                 "AutoModel")
 WITHOUT_MODEL = ("as saved, (d0, d1·…): no model class known (no config.json; pass "
                  "model_config= / --model-config, or model=)")
 
@@ -86,10 +89,12 @@ def from_model(model: nn.Module, description: str | None = None) -> Architecture
         frozen=frozenset(name for name, p in named if not p.requires_grad))
 
 
-def from_config(config: Any) -> Architecture:
+def from_config(config: Any, checkpoint: Checkpoint | None = None) -> Architecture:
     """The architecture a HuggingFace config describes: a path to a config.json (or a folder
     holding one) or a transformers PretrainedConfig. Its class is the config's first
-    ``architectures`` entry that transformers has, else transformers.AutoModel's."""
+    ``architectures`` entry that transformers has; a config that names none (one saved on its
+    own) gets, of transformers' Auto classes, the one holding the most of ``checkpoint``'s
+    tensors (a causal LM's head, a classifier's), else AutoModel's."""
     transformers = _transformers()
     if isinstance(config, str | os.PathLike):
         where = Path(config)
@@ -106,22 +111,36 @@ def from_config(config: Any) -> Architecture:
     else:
         raise TypeError(f"model_config must be a path to a config.json or a transformers "
                         f"PretrainedConfig; got {type(config).__name__}")
-    classes = [getattr(transformers, name) for name in (config.architectures or [])
-               if hasattr(transformers, name)]
-    with _quiet(transformers), torch.device("meta"):
-        try:
-            model = classes[0](config) if classes else transformers.AutoModel.from_config(config)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"cannot build the model that {where} describes ({exc}); pass "
-                             "model= (an nn.Module of the checkpoints' architecture)") from None
-    return from_model(model, f"{type(model).__name__} built from {where}")
+    named = [getattr(transformers, name) for name in (config.architectures or [])
+             if hasattr(transformers, name)]
+    builders = named[:1] or [getattr(transformers, auto).from_config for auto in _AUTO_CLASSES
+                             if hasattr(transformers, auto)]
+    note = "" if named else (f" (the config names no architecture: of the Auto classes for "
+                             f"model_type {config.model_type!r}, the one that holds the most of "
+                             "the checkpoint's tensors)")
+    built = []
+    for build in builders:
+        with _quiet(transformers), torch.device("meta"):
+            try:
+                model = build(config)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue  # an Auto class that has no model for this config
+        built.append(from_model(model, f"{type(model).__name__} built from {where}{note}"))
+    if not built:
+        raise ValueError(f"cannot build the model that {where} describes; pass model= (an "
+                         "nn.Module of the checkpoints' architecture)")
+    if checkpoint is None:
+        return built[0]
+    names = _matrix_names(checkpoint)
+    return max(built, key=lambda a: sum(_Alignment.best(names, a).to_model(n) is not None
+                                        for n in names))
 
 
 def describe(checkpoint: Checkpoint, architecture: Architecture | None,
              frozen: Collection[str] = ()) -> list[Described]:
     """Each ≥2-D tensor of ``checkpoint`` (tied ones once) as a rules.Candidate, in the model's
     order (the checkpoint's without an architecture). ``frozen``: names known not to train."""
-    names = [n for n, info in checkpoint.tensors.items() if len(info.shape) >= 2]
+    names = _matrix_names(checkpoint)
     align = _Alignment.of(names, architecture, checkpoint)
     if architecture is not None:
         names = [n for n in names if align.to_model(n) not in architecture.buffers]
@@ -163,6 +182,19 @@ class _Alignment:
     @classmethod
     def of(cls, names: Sequence[str], architecture: Architecture | None,
            source: Checkpoint) -> _Alignment:
+        """The best alignment; ValueError if it maps fewer than half of ``names``."""
+        align = cls.best(names, architecture)
+        mapped = [n for n in names if align.to_model(n) is not None]
+        if architecture is not None and 2 * len(mapped) < len(names):
+            strangers = [n for n in names if n not in mapped][:3]
+            raise ValueError(f"{source.path}: {architecture.description} describes only "
+                             f"{len(mapped)} of its {len(names)} matrices (none for {strangers}); "
+                             "pass the model config (or model=) of these checkpoints")
+        return align
+
+    @classmethod
+    def best(cls, names: Sequence[str], architecture: Architecture | None) -> _Alignment:
+        """The prefixes that map the most of ``names`` to the architecture's names."""
         if architecture is None or not names:
             return cls(architecture)
         known = set(architecture.layers) | architecture.buffers
@@ -175,14 +207,7 @@ class _Alignment:
                     votes[(head, "")] += 1
             votes.update(("", p[:-len(name) - 1]) for p in known if p.endswith("." + name))
         best = max(votes.items(), key=lambda kv: (kv[1], kv[0] == ("", "")), default=None)
-        align = cls(architecture, *best[0]) if best else cls(architecture)
-        mapped = [n for n in names if align.to_model(n) is not None]
-        if 2 * len(mapped) < len(names):
-            strangers = [n for n in names if n not in mapped][:3]
-            raise ValueError(f"{source.path}: {architecture.description} describes only "
-                             f"{len(mapped)} of its {len(names)} matrices (none for {strangers}); "
-                             "pass the model config (or model=) of these checkpoints")
-        return align
+        return cls(architecture, *best[0]) if best else cls(architecture)
 
     def to_model(self, name: str) -> str | None:
         if self.architecture is None:
@@ -210,6 +235,10 @@ class _Alignment:
         if param is not None and param in self.architecture.order:
             return (0, self.architecture.order[param])
         return (1, index.get(name, len(index)))
+
+
+def _matrix_names(checkpoint: Checkpoint) -> list[str]:
+    return [n for n, info in checkpoint.tensors.items() if len(info.shape) >= 2]
 
 
 def _tie_groups(names: Sequence[str], checkpoint: Checkpoint, architecture: Architecture | None,

@@ -314,8 +314,8 @@ def _architecture(model: nn.Module | None, model_config: Any,
     if model is not None:
         return arch.from_model(model)
     if model_config is not None:
-        return arch.from_config(model_config)
-    return arch.from_config(w0.config) if w0.config is not None else None
+        return arch.from_config(model_config, w0)
+    return arch.from_config(w0.config, w0) if w0.config is not None else None
 
 
 def _check_same(expected: Sequence[MatrixSpec], found: Sequence[MatrixSpec], source: Path,

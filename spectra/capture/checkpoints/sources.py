@@ -14,10 +14,11 @@ describes its model, and :meth:`Checkpoint.read` for one tensor at a time. Accep
   share storage (tied weights) are reported as ties;
 - ``.safetensors`` files, memory-mapped, each tensor read on its own; a ``step`` or
   ``global_step`` entry of the file's metadata is its step;
-- HuggingFace folders (``save_pretrained``, Trainer ``checkpoint-<step>/``): the weights named
-  by a ``*.safetensors.index.json`` (sharded), else the folder's ``*.safetensors`` file, else
-  ``pytorch_model.bin`` (or its index); ``trainer_state.json``'s ``global_step`` is the step and
-  its ``log_history`` entries at that step the scalars. A weights file with HuggingFace's
+- HuggingFace folders (``save_pretrained``, Trainer ``checkpoint-<step>/``): the shards a
+  ``*.safetensors.index.json`` or ``pytorch_model.bin.index.json`` names, else
+  ``model.safetensors`` or ``pytorch_model.bin``, else the one ``.safetensors`` file beside a
+  ``config.json``; ``trainer_state.json``'s ``global_step`` is the step and its
+  ``log_history`` entries at that step the scalars. A weights file with HuggingFace's
   name (``model.safetensors``, ``pytorch_model.bin``, their shards and indexes) stands for its
   folder.
 
@@ -164,8 +165,9 @@ def _folder(path: Path) -> Checkpoint:
         adapter = [p.name for p in path.glob("adapter_model.*")]
         why = (f"it holds a peft adapter ({adapter[0]}), not a full model: merge the adapter "
                "into its base model and save_pretrained that" if adapter else
-               "looked for *.safetensors.index.json, *.safetensors, pytorch_model.bin and "
-               "pytorch_model.bin.index.json")
+               "looked for a *.safetensors.index.json, pytorch_model.bin.index.json, "
+               "model.safetensors, pytorch_model.bin, or one .safetensors file beside a "
+               "config.json")
         raise ValueError(f"{path}: no model weights in this folder ({why})")
     shards = f" ({len(files)} shards)" if len(files) > 1 else ""
     if files[0].name.endswith(".safetensors"):
@@ -182,7 +184,9 @@ def _folder(path: Path) -> Checkpoint:
 
 
 def _weights(folder: Path) -> list[Path]:
-    """The weights files of a HuggingFace folder (module docstring), or [] if it has none."""
+    """The weights files of a HuggingFace folder, or [] if it has none: the shards a weight
+    index names, else model.safetensors or pytorch_model.bin, else the one .safetensors file
+    beside a config.json."""
     for pattern in ("*.safetensors.index.json", "pytorch_model.bin.index.json"):
         indexes = sorted(folder.glob(pattern))
         if len(indexes) > 1:
@@ -190,13 +194,11 @@ def _weights(folder: Path) -> list[Path]:
                              "pass the one to import")
         if indexes:
             return _shards(indexes[0])
-    single = sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("adapter_"))
-    if len(single) > 1:
-        raise ValueError(f"{folder}: several .safetensors files {[p.name for p in single]} and "
-                         "no index naming them; pass the one to import")
-    if single:
-        return single
-    return [folder / "pytorch_model.bin"] if (folder / "pytorch_model.bin").is_file() else []
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return [folder / name]
+    single = [p for p in folder.glob("*.safetensors") if not p.name.startswith("adapter_")]
+    return single if len(single) == 1 and (folder / "config.json").is_file() else []
 
 
 def _shards(index: Path) -> list[Path]:
@@ -235,7 +237,11 @@ def _trainer_state(path: Path) -> tuple[int | None, dict[str, float]]:
 # -- safetensors -------------------------------------------------------------------------------
 
 def _safetensors(path: Path, files: list[Path], form: str) -> Checkpoint:
-    from safetensors import SafetensorError, safe_open
+    try:
+        from safetensors import SafetensorError, safe_open
+    except ImportError:
+        raise ValueError(f"{files[0]}: reading .safetensors files needs the safetensors "
+                         "package (pip install safetensors)") from None
 
     checkpoint = _new(path, files, form)
     for file in files:
