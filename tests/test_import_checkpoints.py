@@ -344,6 +344,29 @@ def test_appending_continues_a_store_and_a_rerun_skips_what_it_holds(tmp_path):
     assert len(spectra.open_run(store)) == 4
 
 
+def test_an_interrupted_import_keeps_its_snapshots_and_the_same_command_finishes_it(tmp_path,
+                                                                                 monkeypatch):
+    from spectra.capture.checkpoints.sources import Checkpoint
+    _tiny_series(tmp_path / "ckpt", (0, 1, 2, 3, 4))
+    clean = spectra.import_checkpoints(tmp_path / "ckpt", tmp_path / "clean.zarr", quiet=True)
+    read, calls = Checkpoint.read, []
+
+    def interrupted(self, name):  # Ctrl-C while step 3's second matrix is read
+        if self.path.name == "step_3.pt":
+            calls.append(name)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+        return read(self, name)
+
+    monkeypatch.setattr(Checkpoint, "read", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        spectra.import_checkpoints(tmp_path / "ckpt", tmp_path / "r.zarr", quiet=True)
+    monkeypatch.setattr(Checkpoint, "read", read)
+    np.testing.assert_array_equal(spectra.open_run(tmp_path / "r.zarr").steps, [0, 1, 2])
+    _assert_same_store(clean, spectra.import_checkpoints(tmp_path / "ckpt", tmp_path / "r.zarr",
+                                                         quiet=True))
+
+
 def test_a_checkpoint_with_other_matrices_stops_the_import_before_anything_is_written(tmp_path):
     _tiny_series(tmp_path / "ckpt", (0, 2))
     state = torch.load(tmp_path / "ckpt" / "step_2.pt", weights_only=True)
@@ -384,6 +407,28 @@ def test_steps_given_or_missing_or_shared_and_an_explicit_init(tmp_path):
                                       init=named[0], quiet=True)
     np.testing.assert_array_equal(init.steps, [0, 1])
     np.testing.assert_array_equal(init.init("fc1.weight"), _as_stored(saved[0], "fc1.weight"))
+
+
+def test_what_cannot_be_imported_is_a_one_line_error_naming_it(tmp_path):
+    torch.save(nn.Linear(2, 3), tmp_path / "whole-model.pt")  # a pickled module, not weights
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    both = tmp_path / "out"
+    (both / "checkpoint-2").mkdir(parents=True)
+    torch.save(TinyNet().state_dict(), both / "pytorch_model.bin")
+    cases = [(tmp_path / "whole-model.pt", r"whole-model.pt: holds pickled Python objects that "
+                                           r"torch.load\(weights_only=True\) refuses"),
+             (tmp_path / "notes.pt", r"notes.pt: not a torch checkpoint \(neither torch.save.s zip format"),
+             (adapter, r"adapter: no model weights in this folder \(it holds a peft adapter"),
+             (both, r"out: holds a model of its own \(pytorch_model.bin\) and 1 checkpoint-<step> "
+                    r"folders; pass .*checkpoint-\* for the series"),
+             (tmp_path / "absent.pt", r"absent.pt: no such checkpoint")]
+    for path, message in cases:
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            spectra.import_checkpoints(path, tmp_path / "r.zarr", steps=[1], quiet=True)
+    assert not (tmp_path / "r.zarr").exists()
 
 
 def test_cli_import_reports_and_refuses_bad_input_without_a_traceback(tmp_path, capsys):

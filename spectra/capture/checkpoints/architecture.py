@@ -89,28 +89,14 @@ def from_model(model: nn.Module, description: str | None = None) -> Architecture
         frozen=frozenset(name for name, p in named if not p.requires_grad))
 
 
-def from_config(config: Any, checkpoint: Checkpoint | None = None) -> Architecture:
+def from_config(config: Any, checkpoint: Checkpoint) -> Architecture:
     """The architecture a HuggingFace config describes: a path to a config.json (or a folder
     holding one) or a transformers PretrainedConfig. Its class is the config's first
     ``architectures`` entry that transformers has; a config that names none (one saved on its
-    own) gets, of transformers' Auto classes, the one holding the most of ``checkpoint``'s
-    tensors (a causal LM's head, a classifier's), else AutoModel's."""
+    own) gets, of transformers' Auto classes, the one whose model holds the most of
+    ``checkpoint``'s tensors (a causal LM's head, a classifier's)."""
     transformers = _transformers()
-    if isinstance(config, str | os.PathLike):
-        where = Path(config)
-        if not where.exists():
-            raise FileNotFoundError(f"model config {where}: no such file or folder")
-        with _quiet(transformers):
-            try:
-                config = transformers.AutoConfig.from_pretrained(str(where))
-            except (OSError, ValueError, KeyError) as exc:
-                raise ValueError(f"model config {where}: not a HuggingFace config ({exc})") from None
-        where = where / "config.json" if where.is_dir() else where
-    elif isinstance(config, transformers.PretrainedConfig):
-        where = f"the given {type(config).__name__}"
-    else:
-        raise TypeError(f"model_config must be a path to a config.json or a transformers "
-                        f"PretrainedConfig; got {type(config).__name__}")
+    config, where = _load_config(transformers, config)
     named = [getattr(transformers, name) for name in (config.architectures or [])
              if hasattr(transformers, name)]
     builders = named[:1] or [getattr(transformers, auto).from_config for auto in _AUTO_CLASSES
@@ -129,8 +115,6 @@ def from_config(config: Any, checkpoint: Checkpoint | None = None) -> Architectu
     if not built:
         raise ValueError(f"cannot build the model that {where} describes; pass model= (an "
                          "nn.Module of the checkpoints' architecture)")
-    if checkpoint is None:
-        return built[0]
     names = _matrix_names(checkpoint)
     return max(built, key=lambda a: sum(_Alignment.best(names, a).to_model(n) is not None
                                         for n in names))
@@ -257,6 +241,24 @@ def _tie_groups(names: Sequence[str], checkpoint: Checkpoint, architecture: Arch
         merged = list(dict.fromkeys([n for g in touched for n in g] + list(tie)))
         groups = [g for g in groups if g not in touched] + [merged]
     return groups
+
+
+def _load_config(transformers: Any, config: Any) -> tuple[Any, str]:
+    """(the PretrainedConfig, where it came from) of a path or a PretrainedConfig."""
+    if isinstance(config, transformers.PretrainedConfig):
+        return config, f"the given {type(config).__name__}"
+    if not isinstance(config, str | os.PathLike):
+        raise TypeError(f"model_config must be a path to a config.json or a transformers "
+                        f"PretrainedConfig; got {type(config).__name__}")
+    where = Path(config)
+    if not where.exists():
+        raise FileNotFoundError(f"model config {where}: no such file or folder")
+    with _quiet(transformers):
+        try:
+            loaded = transformers.AutoConfig.from_pretrained(str(where))
+        except (OSError, ValueError, KeyError) as exc:
+            raise ValueError(f"model config {where}: not a HuggingFace config ({exc})") from None
+    return loaded, str(where / "config.json" if where.is_dir() else where)
 
 
 def _transformers():

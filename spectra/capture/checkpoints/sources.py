@@ -139,8 +139,8 @@ def expand(paths: Iterable[str | os.PathLike]) -> list[Path]:
             raise ValueError(f"{path}: holds a model of its own ({own[0].name}) and "
                              f"{len(folders)} checkpoint-<step> folders; pass "
                              f"{path / 'checkpoint-*'} for the series or {own[0]} for its model")
-        if own or _distributed(path):
-            found.append(path)
+        if own or _distributed(path) or any(path.glob("adapter_model.*")):
+            found.append(path)  # one checkpoint (the unreadable ones say why when opened)
         elif folders:
             found += folders
         else:
@@ -286,16 +286,21 @@ def _torch(path: Path, files: list[Path], form: str) -> Checkpoint:
 
 def _torch_load(file: Path) -> Any:
     """The object in a torch file, its tensors memory-mapped where the format allows."""
+    zipped = zipfile.is_zipfile(file)
+    with open(file, "rb") as f:
+        pickled = f.read(2) == b"\x80\x02"  # torch's legacy format: a protocol-2 pickle
+    if not (zipped or pickled):
+        raise ValueError(f"{file}: not a torch checkpoint (neither torch.save's zip format nor "
+                         "its legacy one), nor a .safetensors file")
     try:
-        return torch.load(file, map_location="cpu", weights_only=True,
-                          mmap=zipfile.is_zipfile(file))
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as exc:
         if "Weights only load failed" in str(exc):
             raise ValueError(
                 f"{file}: holds pickled Python objects that torch.load(weights_only=True) "
                 "refuses (a whole model, custom classes); if you trust the file, load it "
                 "yourself and torch.save its model's state_dict() for import") from None
-        raise ValueError(f"{file}: not a torch checkpoint ({exc})") from None
+        raise ValueError(f"{file}: not a readable torch checkpoint ({exc})") from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise ValueError(f"{file}: not a readable torch checkpoint ({exc})") from None
 

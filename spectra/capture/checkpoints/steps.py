@@ -73,7 +73,8 @@ def in_order(checkpoints: Sequence[Stepped]) -> list[Stepped]:
     for a, b in zip(ordered, ordered[1:]):
         if a.step == b.step:
             raise ValueError(f"{a.path} ({a.source}) and {b.path} ({b.source}) are both at step "
-                             f"{a.step}; {_HOW_TO}")
+                             f"{a.step}: pass only one of them (Lightning's last.ckpt repeats "
+                             f"the last step), or {_HOW_TO}")
     return ordered
 
 
