@@ -87,6 +87,12 @@ def _assert_same_store(live, imported):
         np.testing.assert_array_equal(imported.weights(name), live.weights(name))
 
 
+def test_spectra_exports_the_importer_lazily():
+    from spectra.capture.checkpoints.importer import import_checkpoints
+    assert spectra.import_checkpoints is import_checkpoints
+    assert "import_checkpoints" in spectra.__all__
+
+
 # -- formats -------------------------------------------------------------------------------
 
 def test_torch_state_dicts_import_bitwise_in_step_order(tmp_path):
@@ -187,6 +193,22 @@ def test_huggingface_folders_plain_sharded_and_bin_give_conv1d_transposed(tmp_pa
         "HuggingFace folder, safetensors", f"HuggingFace folder, safetensors "
         f"({len(list((out / 'checkpoint-2').glob('*.safetensors')))} shards)",
         "HuggingFace folder, pytorch_model.bin"]
+
+
+def test_a_checkpoint_holding_both_names_of_a_tie_is_read_as_untied(tmp_path):
+    from safetensors.torch import save_file
+    model = _gpt2()  # its config ties lm_head to wte
+    state = {n: t.detach().clone().contiguous() for n, t in model.state_dict().items()}
+    state["lm_head.weight"] = state["transformer.wte.weight"] + 1.0  # fine-tuned apart
+    for k in (0, 1):
+        folder = tmp_path / f"checkpoint-{k}"
+        model.config.save_pretrained(folder)
+        save_file({n: t + k for n, t in state.items()}, folder / "model.safetensors")
+    run = spectra.import_checkpoints([tmp_path / "checkpoint-0", tmp_path / "checkpoint-1"],
+                                     tmp_path / "r.zarr", quiet=True)
+    assert "tied_to" not in run.spec("lm_head.weight").attrs
+    np.testing.assert_array_equal(run.weights("lm_head.weight", 1),
+                                  (state["lm_head.weight"] + 1).numpy())
 
 
 @pytest.mark.slow
@@ -451,12 +473,12 @@ def test_cli_import_reports_and_refuses_bad_input_without_a_traceback(tmp_path, 
 # -- memory, the example -------------------------------------------------------------------
 
 _CHILD = """
-import resource, sys
+import sys
 import spectra
 files, store = sys.argv[1:-1], sys.argv[-1]
 spectra.import_checkpoints(files, store, quiet=True)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-"""
+print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM")))
+"""  # VmHWM: this process's peak RSS (ru_maxrss would count the parent's RSS at fork too)
 
 
 @pytest.mark.slow

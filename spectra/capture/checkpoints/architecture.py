@@ -228,11 +228,15 @@ def _matrix_names(checkpoint: Checkpoint) -> list[str]:
 def _tie_groups(names: Sequence[str], checkpoint: Checkpoint, architecture: Architecture | None,
                 align: _Alignment) -> list[list[str]]:
     """``names`` grouped by the tensor they hold: ties the checkpoint stores (shared storage) and
-    ties of the model (whose other names the checkpoint may not hold)."""
+    ties of the model whose other names the checkpoint does not hold (one that holds two of
+    them as separate tensors untied them)."""
     ties = list(checkpoint.ties)
-    if architecture is not None:
-        ties += [tuple(n for n in map(align.to_checkpoint, tie) if n is not None)
-                 for tie in architecture.ties]
+    stored = {n: set(tie) for tie in checkpoint.ties for n in tie}
+    for tie in architecture.ties if architecture is not None else []:
+        tie = tuple(n for n in map(align.to_checkpoint, tie) if n is not None)
+        held = [n for n in tie if n in checkpoint.tensors]
+        if len(held) < 2 or set(held) <= stored.get(held[0], set()):
+            ties.append(tie)
     groups = [[n] for n in names]
     for tie in ties:
         touched = [g for g in groups if set(g) & set(tie)]

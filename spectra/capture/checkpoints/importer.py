@@ -16,6 +16,9 @@ checkpoints, and a failure never costs committed data:
    the commit protocol of spectra.store) and it is closed before the next is opened.
 A process killed at any moment leaves the committed snapshots intact; running the same import
 again continues it (checkpoints already in the store are checked and skipped).
+
+Each snapshot's scalars are what the checkpoint's trainer logged at its step; its time is the
+checkpoint's file modification time minus W_0's (seconds).
 """
 
 from __future__ import annotations
