@@ -272,26 +272,36 @@ def _write(writer: RunWriter, plan: _Plan, series: Sequence[stepping.Stepped], b
 
 
 class _Matrices(Mapping):
-    """One checkpoint's stored matrices, each read when the store's writer asks for it."""
+    """One checkpoint's stored matrices for the store's writer: each value tells its shape
+    without reading, and is read when the writer converts it (np.asarray), one at a time."""
 
     def __init__(self, checkpoint: Checkpoint, described: dict[str, arch.Described],
                  specs: Sequence[MatrixSpec], bar: tqdm):
-        self._checkpoint, self._described, self._bar = checkpoint, described, bar
-        self._names = [spec.name for spec in specs]
+        self._matrices = {spec.name: _Matrix(checkpoint, described[spec.name], spec.shape, bar)
+                          for spec in specs}
 
-    def __getitem__(self, name: str) -> np.ndarray:
-        matrix = host_copy(self._described[name].matrix(self._checkpoint)).numpy()
-        self._bar.update(1)
-        return matrix
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._names
+    def __getitem__(self, name: str) -> _Matrix:
+        return self._matrices[name]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
+        return iter(self._matrices)
 
     def __len__(self) -> int:
-        return len(self._names)
+        return len(self._matrices)
+
+
+class _Matrix:
+    """A stored matrix of a checkpoint, (m, n) float32 (float64 kept), read on conversion."""
+
+    def __init__(self, checkpoint: Checkpoint, described: arch.Described,
+                 shape: tuple[int, int], bar: tqdm):
+        self._checkpoint, self._described, self._bar = checkpoint, described, bar
+        self.shape = tuple(shape)
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        matrix = host_copy(self._described.matrix(self._checkpoint)).numpy()
+        self._bar.update(1)
+        return matrix if dtype is None else matrix.astype(dtype, copy=False)
 
 
 def _stated(path: Path) -> dict[str, int]:
