@@ -154,6 +154,28 @@ def test_safetensors_files_keep_bfloat16_weights_exactly(tmp_path):
             np.testing.assert_array_equal(run.weights(name, row), _as_stored({name: expected}, name))
 
 
+def test_a_folder_of_pytorch_model_bin_shards_is_one_checkpoint(tmp_path):
+    saved = _tiny_series(tmp_path / "plain", (0, 5))
+    for k, state in saved.items():
+        folder = tmp_path / f"checkpoint-{k}"
+        folder.mkdir()
+        names = list(state)
+        shards = {"pytorch_model-00001-of-00002.bin": names[:4],
+                  "pytorch_model-00002-of-00002.bin": names[4:]}
+        for file, part in shards.items():
+            torch.save({n: state[n] for n in part}, folder / file)
+        index = {"metadata": {}, "weight_map": {n: f for f, part in shards.items() for n in part}}
+        (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    run = spectra.import_checkpoints([tmp_path / "checkpoint-5", tmp_path / "checkpoint-0"],
+                                     tmp_path / "r.zarr", model=_meta_tinynet(), quiet=True)
+    np.testing.assert_array_equal(run.steps, [0, 5])
+    assert run.attrs["import"]["checkpoints"][0]["format"] == \
+        "HuggingFace folder, pytorch_model.bin (2 shards)"
+    for row, step in enumerate(run.steps):
+        for name in run.params:
+            np.testing.assert_array_equal(run.weights(name, row), _as_stored(saved[step], name))
+
+
 def test_huggingface_folders_plain_sharded_and_bin_give_conv1d_transposed(tmp_path):
     model = _gpt2()
     out, copies = tmp_path / "out", {}
