@@ -42,3 +42,16 @@ def tiny():
     torch.manual_seed(0)
     model = TinyNet()
     return model, torch.optim.SGD(model.parameters(), lr=0.1), torch.Generator().manual_seed(0)
+
+
+def analyze_with_defaults(path):
+    """spectra.analyze() with its defaults on the store at ``path``, k clamped to the smallest
+    matrix side (which analyze itself does per matrix once issue 10 item 4 lands); checks every
+    recorded matrix is in the frame and returns it."""
+    import spectra
+
+    run = spectra.open_run(path)
+    smallest = min(min(run.shape(p)) for p in run.params)
+    frame = spectra.analyze(path, quiet=True, **({"k": smallest} if smallest < 8 else {}))
+    assert set(frame["param"].unique()) == set(run.params)
+    return frame
