@@ -7,7 +7,7 @@ import scipy.linalg
 import torch
 
 import spectra
-import spectra.analysis.analyzer as analyze_module
+import spectra.analysis.extend as extend_module
 from conftest import TinyNet, train_steps
 from spectra.analysis.analyzer import analyze, singular_values
 from spectra.store import MatrixSpec, create_run
@@ -137,13 +137,13 @@ def test_conv_linear_embedding_store_against_scipy(tiny, tmp_path):
 class CountingSVD:
     def __init__(self, monkeypatch):
         self.matrices = 0
-        original = analyze_module.batched_svd
+        original = extend_module.series_svd
 
-        def counted(a, **kwargs):
+        def counted(a, *args, **kwargs):
             self.matrices += len(a)
-            return original(a, **kwargs)
+            return original(a, *args, **kwargs)
 
-        monkeypatch.setattr(analyze_module, "batched_svd", counted)
+        monkeypatch.setattr(extend_module, "series_svd", counted)
 
 
 def test_second_call_reuses_the_cache_and_picks_up_new_snapshots(known_store, monkeypatch):
