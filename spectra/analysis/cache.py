@@ -7,8 +7,8 @@ Deleting it only costs recomputation. Layout::
 
     analysis/                        attrs: {store: {created_unix}} — whose cache it is
       k<k>/<target>/<param>/         attrs: {k, length}   ← length written LAST: the commit
-        steps      int64 (T,)        which snapshot each row is: its step and its time (a store
-        time       float64 (T,)      cut back and recorded again reuses steps, never times)
+        snapshot   float64 (T, 2)    which snapshot each row is: (step, time) (a store cut back
+                                     and recorded again reuses steps, never times)
         sv         float64 (T, r)    all r = min(m, n) singular values, descending
         u          float64 (T, m, k) top-k left singular vectors           (k > 0 only)
         vh         float64 (T, k, n) top-k right singular vectors          (k > 0 only)
@@ -26,8 +26,10 @@ the store. An entry is extended, cut back (when the store was cut back under it)
 while its lock is held: an OS advisory lock (fcntl) on a file of its own, so a process that
 dies releases it. A reader trusts rows below ``length`` whose (step, time) match the store's
 committed snapshots, and nothing else. Arrays are chunked by up to 32 snapshots (about 1 MB),
-uncompressed: SVD outputs in float64 barely compress, and an append rewrites at most one
-partial chunk. A cache in memory has no locks: it belongs to one process.
+uncompressed (SVD outputs in float64 barely compress, and an append rewrites at most one
+partial chunk), and created for the run's length, growing by doubling, so that an append
+writes rows and one attribute, not metadata: zarr's fixed cost per operation is what dominates
+small matrices. A cache in memory has no locks: it belongs to one process.
 """
 
 from __future__ import annotations
@@ -47,21 +49,25 @@ from zarr.storage import MemoryStore
 from spectra.store import Run
 from spectra.store.format import open_root
 
-_DIMS = {"steps": ("snapshot",), "time": ("snapshot",), "sv": ("snapshot", "index"),
+_DIMS = {"snapshot": ("snapshot", "field"), "sv": ("snapshot", "index"),
          "u": ("snapshot", "row", "component"), "vh": ("snapshot", "component", "col"),
          "stability": ("snapshot",)}
-_DTYPES = {"steps": np.int64}
 _MAX_CHUNK_ROWS = 32
 _CHUNK_BYTES = 2**20
 _READ_ONLY_ERRORS = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 class Entry:
-    """The committed rows of one (k, target, param) entry, read lazily."""
+    """One (k, target, param) entry: its committed rows, read lazily, and its extension."""
 
-    def __init__(self, group: zarr.Group | None):
-        self._group = group
-        self.length = int(group.attrs.get("length", 0)) if group is not None else 0
+    def __init__(self, parent: zarr.Group, param: str, k: int):
+        self._parent, self._param, self._k = parent, param, k
+        try:
+            self._group: zarr.Group | None = parent[param]
+        except KeyError:
+            self._group = None
+        self._arrays: dict[str, zarr.Array] = {}
+        self.length = int(self._group.attrs.get("length", 0)) if self._group is not None else 0
 
     def __bool__(self) -> bool:
         return self.length > 0
@@ -71,16 +77,52 @@ class Entry:
         stop = self.length if stop is None else stop
         if not 0 <= start <= stop <= self.length:
             raise IndexError(f"rows [{start}, {stop}) outside the {self.length} cached rows")
-        return self._group[name][start:stop]
+        return self._array(name)[start:stop]
 
     def valid_length(self, run: Run) -> int:
         """How many leading rows belong to ``run``'s committed snapshots (same step and time)."""
         length = min(self.length, len(run))
         if not length:
             return 0
-        same = ((self.read("steps", 0, length) == run.steps[:length])
-                & (self.read("time", 0, length) == run.time[:length]))
+        snapshot = self.read("snapshot", 0, length)
+        same = (snapshot[:, 0] == run.steps[:length]) & (snapshot[:, 1] == run.time[:length])
         return length if same.all() else int(np.argmin(same))
+
+    def append(self, start: int, rows: Mapping[str, np.ndarray], capacity: int = 0) -> None:
+        """Write ``rows`` (name → (C, ...) arrays, "snapshot" included) at row ``start``, cutting
+        the entry back to ``start`` first; then commit the new length. New arrays are made for
+        ``capacity`` rows. Call with the entry's lock held."""
+        if start > self.length:
+            raise ValueError(f"cannot append {self._param} (k={self._k}) at row {start}: it "
+                             f"has {self.length} rows")
+        if self._group is None or start == 0:
+            self._group = self._parent.create_group(
+                self._param, overwrite=True, attributes={"k": self._k, "length": 0})
+            self._arrays = {}
+        elif start < self.length:
+            self._group.attrs["length"] = start  # cut back first: rows from start on are rewritten
+        self.length = start
+        stop = start + len(next(iter(rows.values())))
+        for name, values in rows.items():
+            array = self._array(name, values, max(stop, capacity))
+            if array.shape[0] < stop:
+                array.resize((max(stop, 2 * array.shape[0]), *values.shape[1:]))
+            array[start:stop] = values
+        self._group.attrs["length"] = self.length = stop
+
+    def _array(self, name: str, like: np.ndarray | None = None, rows: int = 0) -> zarr.Array:
+        """Array ``name``, opened once; made for ``rows`` rows shaped like ``like`` if absent."""
+        if name not in self._arrays:
+            try:
+                self._arrays[name] = self._group[name]
+            except KeyError:
+                if like is None:
+                    raise
+                self._arrays[name] = self._group.create_array(
+                    name, shape=(rows, *like.shape[1:]), dtype=np.float64,
+                    chunks=(_chunk_rows(like), *like.shape[1:]), compressors=None,
+                    fill_value=np.nan, dimension_names=_DIMS[name])
+        return self._arrays[name]
 
 
 class AnalysisCache:
@@ -94,6 +136,7 @@ class AnalysisCache:
         self._root = root
         self.location = location
         self.kind = kind  # "store", "path" or "memory"
+        self._parents: dict[str, zarr.Group] = {}
         self._locks = Path(location, "analysis" if kind == "store" else "", "locks") \
             if location is not None else None
 
@@ -103,12 +146,11 @@ class AnalysisCache:
         return self.kind != "memory"
 
     def entry(self, target: str, param: str, k: int) -> Entry:
-        """The cached rows of (target, param) with top-k size ``k`` (empty if none)."""
-        try:
-            group = self._root[_key(target, param, k)]
-        except KeyError:
-            group = None
-        return Entry(group)
+        """The entry of (target, param) with top-k size ``k``, as committed now."""
+        path = f"k{k}/{target}"
+        if path not in self._parents:
+            self._parents[path] = self._root.require_group(path)
+        return Entry(self._parents[path], param, k)
 
     @contextlib.contextmanager
     def lock(self, target: str, param: str, k: int) -> Iterator[None]:
@@ -123,34 +165,6 @@ class AnalysisCache:
             yield
         finally:
             os.close(descriptor)  # closing releases the lock
-
-    def append(self, target: str, param: str, k: int, start: int,
-               rows: Mapping[str, np.ndarray]) -> None:
-        """Write ``rows`` (name → (C, ...) arrays, steps and time included) at row ``start``,
-        cutting the entry back to ``start`` first; then commit the new length. Call with the
-        entry's lock held."""
-        key = _key(target, param, k)
-        group = self._root.get(key) if start else None
-        if group is None and start:
-            raise ValueError(f"cannot append {key} at row {start}: no cached rows before it")
-        if group is None:
-            group = self._root.require_group(key.rsplit("/", 1)[0]).create_group(
-                param, overwrite=True, attributes={"k": k, "length": 0})
-        if start < int(group.attrs["length"]):
-            group.attrs["length"] = start  # cut back first: rows from start on are rewritten
-        count = len(next(iter(rows.values())))
-        for name, values in rows.items():
-            shape = (start + count, *values.shape[1:])
-            if name in group:
-                array = group[name]
-                array.resize(shape)
-            else:
-                array = group.create_array(
-                    name, shape=shape, dtype=_DTYPES.get(name, np.float64),
-                    chunks=(_chunk_rows(values), *values.shape[1:]), compressors=None,
-                    fill_value=-1 if name == "steps" else np.nan, dimension_names=_DIMS[name])
-            array[start:start + count] = values
-        group.attrs["length"] = start + count
 
 
 def open_cache(run: Run, cache: str | Path | None = None) -> AnalysisCache:
@@ -216,10 +230,6 @@ def _probe(folder: Path) -> None:
     probe = folder / f"probe-{os.getpid()}"
     os.close(os.open(probe, os.O_WRONLY | os.O_CREAT, 0o666))
     probe.unlink()
-
-
-def _key(target: str, param: str, k: int) -> str:
-    return f"k{k}/{target}/{param}"
 
 
 def _chunk_rows(values: np.ndarray) -> int:

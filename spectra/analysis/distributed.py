@@ -11,6 +11,7 @@ that cannot be written, no cache path) the tasks return their rows and the calle
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -28,7 +29,8 @@ def extend_on_cluster(client: Any, run: Run, cache: AnalysisCache,
     """Extend the entries in ``todo`` (param → {target: first missing row}) on ``client``."""
     from distributed import as_completed
 
-    where = (str(run.path), str(cache.location) if cache.kind == "path" else None)
+    where = (str(run.path), run.attrs.get("created_unix"),
+             str(cache.location) if cache.kind == "path" else None)
     returned: dict[Any, tuple[str, str, int]] = {}  # rows coming back → (param, target, start)
     finished = as_completed()
     count, previous = 0, None
@@ -47,7 +49,7 @@ def extend_on_cluster(client: Any, run: Run, cache: AnalysisCache,
                     finished.add(rows)
                 count += 1
     del previous  # hold no task's result: each is freed once the next task of its chain ran
-    pending = _InOrder(cache, ks)
+    pending = _InOrder(cache, ks, len(run))
     for future in tqdm(finished, total=count, desc="analyze", disable=quiet, leave=False):
         if future.status == "error" or not cache.shared:
             result = future.result()  # raises the task's error here
@@ -55,19 +57,27 @@ def extend_on_cluster(client: Any, run: Run, cache: AnalysisCache,
                 pending.add(*returned.pop(future.key), result)
 
 
-def _task(where: tuple[str, str | None], shared: bool, job: Job, target: str, chunk: Chunk,
-          previous: Any, threads: int | None) -> Any:
+def _task(where: tuple, shared: bool, job: Job, target: str, chunk: Chunk, previous: Any,
+          threads: int | None) -> Any:
     """One chunk of one (matrix, target), on a worker. Returns the state for the next chunk, or
     (rows, state) when the cache lives in the caller's memory."""
-    store, cache_path = where
-    run = open_run(store)
+    run, cache = _opened(*where, shared)
+    run.refresh()
     state = previous[1] if isinstance(previous, tuple) else previous
     with blas_threads(threads):
         if not shared:
             return compute_rows(Reader(run, job.param), job, target, chunk.start, chunk.stop,
                                 state)
-        cache = open_cache(run, cache_path)
         return extend_chunk(run, cache, job, [target], chunk, {target: state})[target]
+
+
+@functools.lru_cache(maxsize=4)
+def _opened(store: str, created: float | None, cache_path: str | None,
+            shared: bool) -> tuple[Run, AnalysisCache | None]:
+    """The store and its cache, opened once per worker process and analysis (``created`` tells
+    a store from one made again at the same path)."""
+    run = open_run(store)
+    return run, open_cache(run, cache_path) if shared else None
 
 
 def _rows_of(result: tuple) -> dict:
@@ -77,15 +87,13 @@ def _rows_of(result: tuple) -> dict:
 class _InOrder:
     """Writes rows that come back in any order into a cache in memory, each entry in order."""
 
-    def __init__(self, cache: AnalysisCache, ks: dict[str, int]):
-        self.cache, self.ks = cache, ks
+    def __init__(self, cache: AnalysisCache, ks: dict[str, int], length: int):
+        self.cache, self.ks, self.length = cache, ks, length
         self.waiting: dict[tuple[str, str], dict[int, dict]] = {}
 
     def add(self, param: str, target: str, start: int, rows: dict) -> None:
         waiting = self.waiting.setdefault((param, target), {})
         waiting[start] = rows
-        length = self.cache.entry(target, param, self.ks[param]).length
-        while length in waiting:
-            rows = waiting.pop(length)
-            self.cache.append(target, param, self.ks[param], length, rows)
-            length += len(rows["steps"])
+        entry = self.cache.entry(target, param, self.ks[param])
+        while entry.length in waiting:
+            entry.append(entry.length, waiting.pop(entry.length), capacity=self.length)

@@ -59,13 +59,14 @@ def extend_chunk(run: Run, cache: AnalysisCache, job: Job, targets: list[str], c
     out = {}
     for target in targets:
         with cache.lock(target, job.param, job.k):
-            length = cache.entry(target, job.param, job.k).valid_length(run)
+            entry = cache.entry(target, job.param, job.k)
+            length = entry.valid_length(run)
             if not chunk.start <= length < chunk.stop:  # done already, or behind this chunk
                 out[target] = None  # (analyze() starts another round for an entry left behind)
                 continue
             rows, out[target] = compute_rows(reader, job, target, length, chunk.stop,
                                              states.get(target))
-            cache.append(target, job.param, job.k, length, rows)
+            entry.append(length, rows, capacity=len(run))
     return out
 
 
@@ -78,7 +79,7 @@ def compute_rows(reader: "Reader", job: Job, target: str, begin: int, stop: int,
                               device=job.device, threads=None).last
     svd = series_svd(reader.matrices(target, begin, stop), job.k, previous, device=job.device,
                      max_bytes=job.max_bytes, threads=None)
-    rows = {"steps": reader.run.steps[begin:stop], "time": reader.run.time[begin:stop],
+    rows = {"snapshot": np.stack([reader.run.steps[begin:stop], reader.run.time[begin:stop]], 1),
             "sv": svd.S}
     if job.k:
         rows.update(u=svd.U, vh=svd.Vh, stability=svd.stability)
