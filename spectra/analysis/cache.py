@@ -72,9 +72,8 @@ class Entry:
     def __bool__(self) -> bool:
         return self.length > 0
 
-    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Rows [start, stop) of array ``name`` (stop defaults to ``length``)."""
-        stop = self.length if stop is None else stop
+    def read(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of array ``name``, within the committed ``length``."""
         if not 0 <= start <= stop <= self.length:
             raise IndexError(f"rows [{start}, {stop}) outside the {self.length} cached rows")
         return self._array(name)[start:stop]

@@ -63,7 +63,7 @@ def _bases_columns(entry: Entry, length: int, usable: np.ndarray,
     """Every "bases" metric against the previous and the last snapshot, ``rows`` at a time."""
     table = [metric for metric in METRICS if metric.reads == "bases"]
     out = {name: np.full(length, np.nan) for metric in table for name in metric.names()}
-    last = (entry.read("u", length - 1), entry.read("vh", length - 1))
+    last = (entry.read("u", length - 1, length)[0], entry.read("vh", length - 1, length)[0])
     for chunk in chunks(0, length, rows):
         u, vh = entry.read("u", chunk.first, chunk.stop), entry.read("vh", chunk.first, chunk.stop)
         now = slice(chunk.start - chunk.first, None)
