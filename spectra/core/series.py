@@ -133,7 +133,7 @@ def _chunk(x: Array, k: int, previous: Polar | None,
     x[~finite] = 0.0
     s = methods.full(x, (b, n), np.nan)
     u, v = methods.full(x, (b, m, k), np.nan), methods.full(x, (b, n, k), np.nan)
-    q = methods.full(x, (b, m, n), np.nan)
+    q = _empty(x, (b, m, n))  # rows read only where usable
     exact = _copy(finite)
     if not exact_only:
         exact = finite & ~_gram_path(x, k, finite, s, u, v, q)
@@ -203,6 +203,12 @@ def _stabilities(q: Array, usable: Array, previous: Polar | None) -> Array:
     if previous is not None and b and bool(usable[0]):
         out[0] = (like(previous.q, q) * q[0]).sum() / n
     return out
+
+
+def _empty(like: Array, shape: tuple[int, ...]) -> Array:
+    if isinstance(like, torch.Tensor):
+        return torch.empty(shape, dtype=torch.float64, device=like.device)
+    return np.empty(shape)
 
 
 def _copy(x: Array) -> Array:
