@@ -185,7 +185,7 @@ def test_bounded_queue_blocks_training_instead_of_growing(tiny, tmp_path, monkey
     worker = threading.Thread(target=lambda: [rec.step() for _ in range(6)] and done.append(1))
     worker.start()
     worker.join(timeout=1.0)
-    assert worker.is_alive() and rec._queue.qsize() <= 2  # blocked on the full queue
+    assert worker.is_alive() and rec._background.pending() <= 2  # blocked on the full queue
     gate.set()
     worker.join(timeout=10)
     rec.close()

@@ -1,6 +1,7 @@
 """The run store: one zarr v3 group per training run (schema in docs/store.md).
 
-Modules: format (schema, MatrixSpec, zarr helpers), reader (Run), writer (RunWriter).
+Modules: format (schema, MatrixSpec, zarr helpers), location (paths and fsspec URLs), lock
+(StoreLock: one holder at a time), reader (Run), writer (RunWriter).
 
 Layout::
 
@@ -29,9 +30,12 @@ about ulp(max(|W_0|, |W_t|)).
 
 from spectra.store.format import (MATRIX_COMPRESSORS, SCHEMA_VERSION, UNCOMMITTED_STEP,
                                   MatrixSpec, StoreError, committed_length, is_run_store)
+from spectra.store.location import Location
+from spectra.store.lock import StoreLock, StoreLocked, StoreReadOnly
 from spectra.store.reader import Run, open_run
 from spectra.store.writer import RunWriter, annotate_run, create_run, resume_run
 
-__all__ = ["MATRIX_COMPRESSORS", "SCHEMA_VERSION", "UNCOMMITTED_STEP", "MatrixSpec", "Run",
-           "RunWriter", "StoreError", "annotate_run", "committed_length", "create_run",
-           "is_run_store", "open_run", "resume_run"]
+__all__ = ["MATRIX_COMPRESSORS", "SCHEMA_VERSION", "UNCOMMITTED_STEP", "Location", "MatrixSpec",
+           "Run", "RunWriter", "StoreError", "StoreLock", "StoreLocked", "StoreReadOnly",
+           "annotate_run", "committed_length", "create_run", "is_run_store", "open_run",
+           "resume_run"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ class MatrixSpec:
     kind: "linear", "conv", "embedding", "effective" (a module's dense effective weight) or "matrix".
     dtype: the parameter's dtype name ("float32", "bfloat16", ...): the precision the matrix was
         trained in, which numerical ranks are measured against. None when creating: that of W_0.
+    attrs: further JSON-serialisable notes kept in the matrix's group attrs (e.g. ``tied_to``,
+        ``layout``, ``adapter``: spectra.capture.rules).
     """
 
     name: str
@@ -42,6 +45,7 @@ class MatrixSpec:
     original_shape: tuple[int, ...]
     kind: str
     dtype: str | None = None
+    attrs: Mapping[str, Any] = field(default_factory=dict)
 
 
 def is_run_store(path: str | Path) -> bool:
@@ -81,13 +85,17 @@ def open_root(path: Path, mode: str) -> zarr.Group:
     return root
 
 
+SPEC_FIELDS = ("name", "shape", "original_shape", "kind", "dtype")
+
+
 def read_spec(root: zarr.Group, name: str) -> MatrixSpec:
     group = root[f"params/{name}"]
     attrs = group.attrs
     dtype = attrs.get("dtype") or str(group["init"].dtype)  # stores before the dtype attr
+    notes = {k: v for k, v in attrs.items() if k not in SPEC_FIELDS}
     return MatrixSpec(name=name, shape=tuple(attrs["shape"]),
                       original_shape=tuple(attrs["original_shape"]), kind=attrs["kind"],
-                      dtype=dtype)
+                      dtype=dtype, attrs=notes)
 
 
 def series_array(group: zarr.Group, name: str, dtype: Any, fill: Any) -> zarr.Array:

@@ -132,7 +132,7 @@ def create_run(path: str | Path, specs: Sequence[MatrixSpec], init: Mapping[str,
         w0 = np.asarray(init[spec.name])
         init_dtype = np.float64 if w0.dtype == np.float64 else np.float32
         group = params.create_group(spec.name, attributes={
-            "name": spec.name, "shape": list(spec.shape),
+            **spec.attrs, "name": spec.name, "shape": list(spec.shape),
             "original_shape": list(spec.original_shape), "kind": spec.kind,
             "dtype": spec.dtype or str(w0.dtype)})
         group.create_array("init", data=w0.astype(init_dtype), chunks=spec.shape,
