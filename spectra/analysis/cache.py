@@ -14,8 +14,6 @@ Deleting it only costs recomputation. Layout::
         vh         float64 (T, k, n) top-k right singular vectors          (k > 0 only)
         stability  float64 (T,)      OIALR full-basis stability against the previous snapshot
                                      (NaN at t = 0)                        (k > 0 only)
-      locks                          an empty array whose folder holds the entries' lock files
-                                     (an array, so that zarr never lists them)
 
 k is the top-k size used for that matrix (clamped to its smaller side), so analyses with
 different k keep their own entries.
@@ -23,8 +21,11 @@ different k keep their own entries.
 Concurrency (several analyze() processes, dask workers, a live store). Rows below ``length``
 are final: they are written before ``length`` is raised and never rewritten while they match
 the store. An entry is extended, cut back (when the store was cut back under it) and read only
-while its lock is held: an OS advisory lock (fcntl) on a file of its own, so a process that
-dies releases it. A reader trusts rows below ``length`` whose (step, time) match the store's
+while its lock is held: a spectra.store.StoreLock named ``analysis-cache.k<k>.<target>.<param>`` in
+the store (or in the cache's own folder), an OS advisory lock that dies with its process (a
+killed worker's is taken over with a warning). Locking per entry lets several processes extend
+different entries at once; holding the lock while a chunk is computed means a second process
+waits for it and then finds the rows done, instead of computing them twice. A reader trusts rows below ``length`` whose (step, time) match the store's
 committed snapshots, and nothing else. Arrays are chunked by up to 32 snapshots (about 1 MB),
 uncompressed (SVD outputs in float64 barely compress, and an append rewrites at most one
 partial chunk), and created for the run's length, growing by doubling, so that an append
@@ -36,8 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
-import os
+import math
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -46,7 +46,7 @@ import numpy as np
 import zarr
 from zarr.storage import MemoryStore
 
-from spectra.store import Run
+from spectra.store import Run, StoreLock, StoreReadOnly
 from spectra.store.format import open_root
 
 _DIMS = {"snapshot": ("snapshot", "field"), "sv": ("snapshot", "index"),
@@ -55,6 +55,7 @@ _DIMS = {"snapshot": ("snapshot", "field"), "sv": ("snapshot", "index"),
 _MAX_CHUNK_ROWS = 32
 _CHUNK_BYTES = 2**20
 _READ_ONLY_ERRORS = (errno.EROFS, errno.EACCES, errno.EPERM)
+ANALYSIS_LOCK = "analysis-cache"  # the cache's lock names start with this
 
 
 class Entry:
@@ -136,8 +137,6 @@ class AnalysisCache:
         self.location = location
         self.kind = kind  # "store", "path" or "memory"
         self._parents: dict[str, zarr.Group] = {}
-        self._locks = Path(location, "analysis" if kind == "store" else "", "locks") \
-            if location is not None else None
 
     @property
     def shared(self) -> bool:
@@ -153,17 +152,18 @@ class AnalysisCache:
 
     @contextlib.contextmanager
     def lock(self, target: str, param: str, k: int) -> Iterator[None]:
-        """Hold the entry's lock (module docstring); a no-op in memory."""
-        if self._locks is None:
+        """Hold the entry's lock (module docstring), waiting as long as another holder works;
+        a no-op in memory."""
+        if self.location is None:
             yield
             return
-        path = self._locks / f"k{k}.{target}.{param}.lock"
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        lock = StoreLock(self.location, name=f"{ANALYSIS_LOCK}.k{k}.{target}.{param}",
+                         purpose="analysis cache")
+        lock.acquire(timeout=math.inf)
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
             yield
         finally:
-            os.close(descriptor)  # closing releases the lock
+            lock.release()
 
 
 def open_cache(run: Run, cache: str | Path | None = None) -> AnalysisCache:
@@ -176,14 +176,12 @@ def open_cache(run: Run, cache: str | Path | None = None) -> AnalysisCache:
     try:
         group = open_root(run.path, mode="r+").require_group("analysis")
         _check_owner(group, run, run.path / "analysis")
-        _make_lock_folder(group)
-        _probe(run.path / "analysis" / "locks")
-    except OSError as exc:
-        if exc.errno not in _READ_ONLY_ERRORS:
+        _probe_lock(run.path)
+    except (OSError, StoreReadOnly) as exc:
+        if isinstance(exc, OSError) and exc.errno not in _READ_ONLY_ERRORS:
             raise
-        warnings.warn(f"{run.path} cannot be written ({exc.strerror}): its analysis is cached in "
-                      "memory for this call only; pass cache=PATH to keep it", UserWarning,
-                      stacklevel=3)
+        warnings.warn(f"{run.path} cannot be written ({exc}): its analysis is cached in memory "
+                      "for this call only; pass cache=PATH to keep it", UserWarning, stacklevel=3)
         return _in_memory(run)
     return AnalysisCache(group, run.path, "store")
 
@@ -193,10 +191,13 @@ def _at_path(run: Run, path: Path) -> AnalysisCache:
         raise ValueError(f"cache={path} is the store itself; pass None to cache inside it")
     try:
         group = zarr.open_group(path, mode="a", use_consolidated=False)
+        _check_owner(group, run, path)
+        _probe_lock(path)
     except (zarr.errors.ContainsArrayError, zarr.errors.NodeTypeValidationError) as exc:
         raise ValueError(f"cache={path}: not a zarr group ({exc})") from None
-    _check_owner(group, run, path)
-    _make_lock_folder(group)
+    except (PermissionError, StoreReadOnly) as exc:
+        raise ValueError(f"cache={path} cannot be written ({exc}); pass a folder you can "
+                         "write, or cache='memory'") from None
     return AnalysisCache(group, path, "path")
 
 
@@ -218,17 +219,10 @@ def _check_owner(group: zarr.Group, run: Run, where: Path | None) -> None:
                          "pass another cache= path")
 
 
-def _make_lock_folder(group: zarr.Group) -> None:
-    if "locks" not in group:
-        group.create_array("locks", shape=(0,), dtype=np.uint8)
-
-
-def _probe(folder: Path) -> None:
-    """Create and remove a file in ``folder``: raises OSError where it cannot be written (also
-    on read-only mounts, which permission bits do not show)."""
-    probe = folder / f"probe-{os.getpid()}"
-    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT, 0o666))
-    probe.unlink()
+def _probe_lock(location: Path) -> None:
+    """Take and give back the cache's lock: raises StoreReadOnly where it cannot be written
+    (also on read-only mounts, which permission bits do not show)."""
+    StoreLock(location, name=ANALYSIS_LOCK, purpose="analysis cache").acquire(math.inf).release()
 
 
 def _chunk_rows(values: np.ndarray) -> int:
