@@ -44,9 +44,9 @@ class Job:
 
 
 def chunk_rows(shape: tuple[int, int], max_bytes: int) -> int:
-    """Snapshots per chunk: four float64 copies of each matrix (ΔW read, W_t, the engine's tall
-    copy, its polar factor) within ``max_bytes``, and at most 32."""
-    return max(1, min(32, max_bytes // (8 * shape[0] * shape[1] * 4)))
+    """Snapshots per chunk: the matrices read (ΔW in float64, W_t from it) within half of
+    ``max_bytes``, at most 32; the SVD engine works within the other half."""
+    return max(1, min(32, max_bytes // 2 // (8 * shape[0] * shape[1] * 2)))
 
 
 def extend_chunk(run: Run, cache: AnalysisCache, job: Job, targets: list[str], chunk: Chunk,
@@ -78,7 +78,7 @@ def compute_rows(reader: "Reader", job: Job, target: str, begin: int, stop: int,
         previous = series_svd(reader.matrices(target, begin - 1, begin), job.k,
                               device=job.device, threads=None).last
     svd = series_svd(reader.matrices(target, begin, stop), job.k, previous, device=job.device,
-                     max_bytes=job.max_bytes, threads=None)
+                     max_bytes=job.max_bytes // 2, threads=None)
     rows = {"snapshot": np.stack([reader.run.steps[begin:stop], reader.run.time[begin:stop]], 1),
             "sv": svd.S}
     if job.k:

@@ -119,10 +119,10 @@ def series_svd(a: Any, k: int, previous: Polar | None = None, *, device: str = "
 
 
 def _work_elements(m: int, n: int, k: int) -> int:
-    """Float64 elements one tall (m ≥ n) snapshot needs while processed: its copy and its
-    polar factor, the n × n Gram, eigenvectors and G^(-1/2), eigh's work space and the top-k
-    vectors (the exact path's gesdd stays within the same)."""
-    return 2 * m * n + 6 * n * n + 2 * m * k
+    """Float64 elements one tall (m ≥ n) snapshot needs while processed: its copy, its polar
+    factor and the product that makes it, the n × n Gram, eigenvectors and G^(-1/2), eigh's
+    work space and the top-k vectors (the exact path's gesdd stays within the same)."""
+    return 3 * m * n + 6 * n * n + 2 * m * k
 
 
 def _chunk(x: Array, k: int, previous: Polar | None,
@@ -163,8 +163,9 @@ def _gram_path(x: Array, k: int, finite: Array, s: Array, u: Array, v: Array,
         spread = ((top / sv) ** 2).mean(-1)  # mean (σ_1/σ_i)²: inf when singular
     zero = top[:, 0] == 0
     accurate = finite & ~zero & (ERROR_FACTOR * _EPS64 * spread <= STABILITY_TOL)
-    rows = _indices(accurate)
-    if len(rows):
+    every = bool(accurate.all())
+    rows = slice(None) if every else _indices(accurate)  # no copies in the common case
+    if every or len(rows):
         xa, va, sa = x[rows], vectors[rows], sv[rows]
         half = va / sa[:, None, :] ** 0.5  # G^(-1/2) = half·halfᵀ
         q[rows] = xa @ (half @ half.swapaxes(-1, -2))
