@@ -44,9 +44,10 @@ class Job:
 
 
 def chunk_rows(shape: tuple[int, int], max_bytes: int) -> int:
-    """Snapshots per chunk: the matrices read (ΔW in float64, W_t from it) within half of
-    ``max_bytes``, at most 32; the SVD engine works within the other half."""
-    return max(1, min(32, max_bytes // 2 // (8 * shape[0] * shape[1] * 2)))
+    """Snapshots per chunk: the matrices read (ΔW in float64, zarr's decoding buffer, W_t in
+    float64 and at its storage precision: four float64 copies) within half of ``max_bytes``,
+    at most 32; the SVD engine works within the other half."""
+    return max(1, min(32, max_bytes // 2 // (8 * shape[0] * shape[1] * 4)))
 
 
 def extend_chunk(run: Run, cache: AnalysisCache, job: Job, targets: list[str], chunk: Chunk,
