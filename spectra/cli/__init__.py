@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from spectra.cli import analyze, demo, info, theory, train
+from spectra.cli import analyze, demo, import_checkpoints, info, theory, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,6 +21,6 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spectra", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    for module in (demo, train, analyze, theory, info):
+    for module in (demo, train, analyze, theory, info, import_checkpoints):
         module.register(commands)
     return parser
