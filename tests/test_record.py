@@ -204,3 +204,34 @@ def test_bad_arguments(tiny, tmp_path):
         Recorder(model, tmp_path / "r.zarr").step()
     with pytest.raises(ValueError, match="update_dtype='float16'"):
         Recorder(model, tmp_path / "x.zarr", update_dtype="float16").start()
+
+
+def test_a_failed_start_leaves_no_thread_hook_or_half_made_store(tiny, tmp_path, monkeypatch):
+    model, opt, _ = tiny
+
+    def broken_snapshot(self, scalars, collected=None):
+        raise RuntimeError("disk vanished")
+
+    monkeypatch.setattr(Recorder, "_snapshot", broken_snapshot)
+    for path in (tmp_path / "new.zarr", tmp_path / "empty"):
+        if path.name == "empty":
+            path.mkdir()
+        with pytest.raises(RuntimeError, match="disk vanished"):
+            Recorder(model, path, optimizer=opt).start()
+        assert not _writer_threads() and not opt._optimizer_step_post_hooks
+        assert not path.exists() or not any(path.iterdir())  # nothing made, the folder kept
+    assert (tmp_path / "empty").is_dir()
+    monkeypatch.undo()
+    with Recorder(model, tmp_path / "new.zarr"):  # and the path is usable afterwards
+        pass
+    assert len(spectra.open_run(tmp_path / "new.zarr")) == 1
+
+
+def test_a_failed_resume_keeps_the_existing_store(tiny, tmp_path):
+    model, opt, gen = tiny
+    with Recorder(model, tmp_path / "r.zarr") as rec:
+        train_steps(model, opt, 2, gen, lambda k, loss: rec.step())
+    with pytest.raises(StoreError, match="differs from the store's last snapshot"):
+        Recorder(TinyNet(), tmp_path / "r.zarr").start()
+    assert not _writer_threads()
+    np.testing.assert_array_equal(spectra.open_run(tmp_path / "r.zarr").steps, [0, 1, 2])

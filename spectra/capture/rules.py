@@ -98,6 +98,10 @@ def choose(candidates: Sequence[Candidate], *, include: str | Sequence[str] | No
     nothing remains; ``source`` names what the candidates came from in those messages.
     """
     include, exclude = patterns(include, "include"), patterns(exclude, "exclude")
+    names = [c.name for c in candidates]
+    clashes = sorted({name for name in names if names.count(name) > 1})
+    if clashes:
+        raise ValueError(f"{source}: several tensors would be recorded as {clashes}")
     chosen: list[MatrixSpec] = []
     matched: set[str] = set()
     frozen_hits: set[str] = set()

@@ -6,7 +6,7 @@ import argparse
 import functools
 import sys
 
-from spectra.cli import analyze, demo, info, theory, train
+from spectra.cli import analyze, demo, import_checkpoints, info, theory, train
 from spectra.cli.options import HelpFormatter
 
 
@@ -25,6 +25,6 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=functools.partial(
         argparse.ArgumentParser, formatter_class=HelpFormatter))
-    for module in (demo, train, analyze, theory, info):
+    for module in (demo, train, analyze, theory, info, import_checkpoints):
         module.register(commands)
     return parser

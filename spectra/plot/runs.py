@@ -15,14 +15,10 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.colors import LogNorm
 
+from spectra.core.metric_table import labels
+
 TARGET_COLORS = {"updates": "tab:red", "weights": "tab:blue"}
-LABELS = {
-    "effective_rank": "effective rank", "stable_rank": "stable rank",
-    "numerical_rank": "numerical rank", "explained_variance_rank": "explained-variance rank",
-    "inrank_rank": "InRank rank", "oialr_stability_prev": "OIALR stability vs previous",
-    "topk_stability_prev": "top-k stability vs previous",
-    "left_similarity_last": "top-k left similarity to last",
-}
+LABELS = labels()  # metric name → axis label, from the metric table
 
 
 def rank_curves(frame: pd.DataFrame, metric: str = "effective_rank",
