@@ -119,3 +119,22 @@ def test_train_replaces_a_store_only_with_overwrite(tmp_path, capsys):
     assert main(argv + ["--overwrite"]) == 0
     assert spectra.open_run(store).attrs["created"] != first
     assert "test accuracy 0.9" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("device, message", [
+    ("gpu", "device must be 'cpu' or 'cuda', got 'gpu'"),
+    ("cuda:0", "device='cuda' but torch.cuda.is_available() is False"),
+])
+def test_a_bad_device_is_a_one_line_error(tmp_path, capsys, tiny, device, message):
+    import torch
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    from conftest import train_steps
+    model, optimizer, generator = tiny
+    with spectra.Recorder(model, tmp_path / "run.zarr") as rec:
+        train_steps(model, optimizer, 2, generator, on_step=lambda k, loss: rec.step())
+    for command in (["analyze", str(tmp_path / "run.zarr")],
+                    ["plot", str(tmp_path / "run.zarr"), "-o", str(tmp_path / "fig")]):
+        assert main(command + ["--device", device, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
