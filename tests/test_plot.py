@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 
 from spectra import plot
-from spectra.plot import runs
 
 
 def _frame():
@@ -56,25 +55,30 @@ def _uneven_frame(steps=(0, 10, 100, 250, 251, 400, 500, 501), forced=(251, 501)
 
 
 def test_stability_heatmap_cells_span_the_steps_since_the_previous_snapshot():
-    steps = (0, 10, 100, 250, 251, 400, 500, 501)
+    steps = (0, 10, 100, 250, 400, 500)
     fig = plot.stability_heatmap(_uneven_frame(steps))
     ax = fig.axes[0]
     mesh = ax.collections[0]
-    corners = mesh.get_coordinates()  # (rows + 1, columns + 1, 2)
-    np.testing.assert_array_equal(corners[0, :, 0], steps)  # cell i spans steps[i]..steps[i + 1]
-    np.testing.assert_allclose(np.asarray(mesh.get_array())[0],
-                               [1e-3, 2e-3, 3e-3, 1e-7, 5e-3, 6e-3, 1e-7])
-    # a snapshot forced one step after another is a sliver, not a column like its neighbours
-    left, right = ax.transData.transform([(250, 0), (251, 0)])[:, 0]
-    wide_left, wide_right = ax.transData.transform([(251, 0), (400, 0)])[:, 0]
-    axes_width = ax.get_window_extent().width
-    assert (right - left) / axes_width < 0.002
-    assert (wide_right - wide_left) / axes_width > 0.05
+    np.testing.assert_array_equal(mesh.get_coordinates()[0, :, 0], steps)  # (rows+1, cols+1, 2)
+    np.testing.assert_allclose(np.asarray(mesh.get_array())[0], 1e-3 * np.arange(1, 6))
+    left, right = ax.transData.transform([(10, 0), (100, 0)])[:, 0]
+    assert (right - left) / ax.get_window_extent().width > 0.2  # widths drawn as steps, log axis
     assert "previous snapshot" in ax.get_xlabel()
-    # the colour scale spans the other cells: 251 (a 1-step gap after 150) and 501 do not count
+    plt.close(fig)
+
+
+def test_forced_snapshots_a_step_apart_draw_no_hairline_and_do_not_stretch_the_colours():
+    """Steps 250→251 and 500→501 (forced snapshots, 1 − s = 1e-7) join the cell before them."""
+    fig = plot.stability_heatmap(_uneven_frame())
+    mesh = fig.axes[0].collections[0]
+    np.testing.assert_array_equal(mesh.get_coordinates()[0, :, 0], [0, 10, 100, 251, 400, 501])
+    np.testing.assert_allclose(np.asarray(mesh.get_array())[0], 1e-3 * np.array([1, 2, 3, 5, 6]))
     assert (mesh.norm.vmin, mesh.norm.vmax) == pytest.approx((1e-3, 7e-3))
     plt.close(fig)
-    assert list(np.flatnonzero(runs._slivers(np.diff(steps).astype(float)))) == [3, 6]
+    leading = plot.stability_heatmap(_uneven_frame(steps=(0, 1, 100, 200), forced=(1,)))
+    np.testing.assert_array_equal(leading.axes[0].collections[0].get_coordinates()[0, :, 0],
+                                  [0, 100, 200])
+    plt.close(leading)
 
 
 def test_stability_heatmap_of_a_single_snapshot_is_a_clear_error(tmp_path):

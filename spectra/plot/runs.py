@@ -66,9 +66,10 @@ def stability_heatmap(frame: pd.DataFrame, metric: str = "oialr_stability_prev",
     Cells sit at their steps on the step axis (symlog, like the other figures). A "vs previous"
     metric compares two snapshots, so its cell spans the steps from the previous snapshot to
     its own: an extra snapshot one step after another draws a one-step sliver, not a column as
-    wide as a hundred-step gap. Any other metric's cell is centred on its snapshot. The colour
-    scale spans the cells that are not slivers (a gap under a tenth of a neighbouring one), so
-    a forced snapshot's tiny one-step change does not stretch it.
+    wide as a hundred-step gap. Any other metric's cell is centred on its snapshot. A cell
+    narrower than a tenth of a neighbour (a snapshot forced one step after a scheduled one) is
+    merged into the cell before it: drawn, it would be a hairline of a one-step change, pale
+    against its neighbours, and its tiny value would stretch the colour scale.
     """
     data = _select(frame, metric=metric, target=target)
     steps = np.sort(data["step"].unique())
@@ -81,18 +82,16 @@ def stability_heatmap(frame: pd.DataFrame, metric: str = "oialr_stability_prev",
         table, edges = table.iloc[:, 1:], steps
     else:
         edges = _centred_edges(steps)
-    distance = (1.0 - table.to_numpy(dtype=float)).clip(min=1e-12)
-    if not np.isfinite(distance).any():
+    edges, distance = _without_slivers(edges, (1.0 - table.to_numpy(dtype=float)).clip(min=1e-12))
+    finite = distance[np.isfinite(distance)]
+    if not finite.size:
         raise ValueError(f"no finite {metric!r} of {target} to draw (a 'vs previous' metric "
                          "needs at least two snapshots)")
-    scaled = distance[:, ~_slivers(np.diff(edges))]
-    finite = scaled[np.isfinite(scaled)] if np.isfinite(scaled).any() else distance[
-        np.isfinite(distance)]
     fig, ax = plt.subplots(figsize=(8, 1.4 + 0.3 * len(table)), constrained_layout=True)
     mesh = ax.pcolormesh(edges, np.arange(len(table) + 1), np.ma.masked_invalid(distance),
                          cmap="magma_r", norm=LogNorm(vmin=finite.min(),
                                                       vmax=max(finite.max(), 1.01 * finite.min())))
-    fig.colorbar(mesh, ax=ax, label=f"1 − {LABELS.get(metric, metric)}", extend="both")
+    fig.colorbar(mesh, ax=ax, label=f"1 − {LABELS.get(metric, metric)}")
     ax.set_yticks(np.arange(len(table)) + 0.5, [str(p) for p in table.index], fontsize=7)
     ax.invert_yaxis()
     ax.set_xscale("symlog", linthresh=1, linscale=0.3)
@@ -188,11 +187,19 @@ def _without_initial_update(data: pd.DataFrame) -> pd.DataFrame:
     return data[~((data["target"] == "updates") & (data["step"] == data["step"].min()))]
 
 
-def _slivers(widths: np.ndarray) -> np.ndarray:
-    """Cells (widths in steps) narrower than a tenth of a neighbouring cell: a snapshot forced
-    right after a scheduled one (steps 250, 251 between gaps of 50)."""
+def _without_slivers(edges: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cell edges (n + 1,) and values (rows, n) with every sliver — a cell narrower than a
+    tenth of a neighbour, e.g. steps 250→251 between gaps of 50 — merged into the nearest wider
+    cell before it (after it, for leading slivers), which then spans both."""
+    widths = np.diff(edges)
+    if not widths.size:
+        return edges, values
     widest_neighbour = np.maximum(np.r_[0.0, widths[:-1]], np.r_[widths[1:], 0.0])
-    return 10 * widths < widest_neighbour
+    kept = 10 * widths >= widest_neighbour
+    owner = np.maximum.accumulate(np.where(kept, np.arange(len(kept)), -1))
+    owner[owner < 0] = np.argmax(kept)
+    starts = [np.flatnonzero(owner == column)[0] for column in np.flatnonzero(kept)]
+    return np.r_[edges[starts], edges[-1]], values[:, kept]
 
 
 def _centred_edges(steps: np.ndarray) -> np.ndarray:
