@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 from spectra.cli import analyze, demo, import_checkpoints, info, theory, train
+from spectra.cli.options import HelpFormatter
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,8 +21,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spectra", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="spectra", description=__doc__,
+                                     formatter_class=HelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=functools.partial(
+        argparse.ArgumentParser, formatter_class=HelpFormatter))
     for module in (demo, train, analyze, theory, info, import_checkpoints):
         module.register(commands)
     return parser

@@ -14,7 +14,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     _analysis_options(analyze)
     analyze.set_defaults(func=_analyze)
 
-    plot = commands.add_parser("plot", help="figures of one or more stores")
+    plot = commands.add_parser("plot", help="figures of one or more stores (named by the "
+                               "store, with its folders where names repeat)")
     plot.add_argument("stores", type=Path, nargs="+")
     plot.add_argument("-o", "--out", type=Path, required=True, help="folder for the PNGs")
     plot.add_argument("--metric", default="effective_rank", help="metric compared across runs")
@@ -103,12 +104,12 @@ def _write_frame(frame, path: Path) -> None:
 def _plot(args: argparse.Namespace) -> None:
     from spectra import plot
     frames = {}
+    labels = plot.run_labels(args.stores)
     with _client(args) as client:
-        for store in args.stores:
-            frames[store.stem] = _analyzed(store, args, client)
-    for store in args.stores:
-        frame = frames[store.stem]
-        for path in plot.run_figures(frame, args.out, store.stem):
+        for store, label in zip(args.stores, labels):
+            frames[label] = _analyzed(store, args, client)
+    for label, frame in frames.items():
+        for path in plot.run_figures(frame, args.out, label):
             print(f"wrote {path}")
     if len(frames) > 1:
         for target in args.targets:

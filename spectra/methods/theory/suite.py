@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from spectra.core.threads import TRAINING_THREADS, torch_threads
 from spectra.store import is_run_store
 from spectra.methods.theory import checks
 from spectra.methods.theory.checks import CheckResult
@@ -54,9 +55,11 @@ class SuiteResult:
 
 def run_suite(out: str | Path, *, depth: int = 3, alpha: float = 0.1, optimizer: str = "gd",
               width: int = 32, teacher: Sequence[float] = (8.0, 4.0, 2.0, 1.0), seed: int = 0,
-              alphas: Sequence[float] = SWEEP_ALPHAS, quiet: bool = False) -> SuiteResult:
+              alphas: Sequence[float] = SWEEP_ALPHAS, quiet: bool = False,
+              threads: int | None = TRAINING_THREADS) -> SuiteResult:
     """Record the suite's runs into ``out`` (one store per setting, replaced if it exists) and
-    check them. Returns the rows and the measured runs."""
+    check them. Returns the rows and the measured runs. ``threads``: torch threads while
+    training (spectra.core.threads; None leaves torch's setting alone)."""
     start = time.perf_counter()
     main = Setting(depth=depth, alpha=alpha, optimizer=optimizer, width=width,
                    teacher=tuple(teacher), seed=seed)
@@ -64,8 +67,10 @@ def run_suite(out: str | Path, *, depth: int = 3, alpha: float = 0.1, optimizer:
     others = [replace(main, optimizer=name) for name in OPTIMIZERS if name != optimizer]
     sweep = [replace(main, optimizer="gd", alpha=a) for a in sorted({*alphas, alpha})]
     lazy = sweep[-1]
-    runs = {setting: _recorded(setting, Path(out), layers=setting in (main, lazy), quiet=quiet)
-            for setting in dict.fromkeys([main, companion, *others, *sweep])}
+    with torch_threads(threads):
+        runs = {setting: _recorded(setting, Path(out), layers=setting in (main, lazy),
+                                   quiet=quiet)
+                for setting in dict.fromkeys([main, companion, *others, *sweep])}
 
     rows = []
     for setting in [main, companion, *others]:
