@@ -267,7 +267,7 @@ def final_model(name: str, path: Path, corpus: CharCorpus) -> tuple[GPT, torch.o
     if method == "inrank-efficient":
         for layer in model.modules():
             if isinstance(layer, LowRankLinear):
-                layer.truncate()
+                layer.truncate(layer.rank)
     return model, built.optimizer
 
 

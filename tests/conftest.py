@@ -42,3 +42,12 @@ def tiny():
     torch.manual_seed(0)
     model = TinyNet()
     return model, torch.optim.SGD(model.parameters(), lr=0.1), torch.Generator().manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: two threads on a busy 2-core machine made such tests 40× slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

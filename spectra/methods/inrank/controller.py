@@ -4,7 +4,7 @@
     optimizer = controller.adamw(lr=2e-3, weight_decay=0.1)
     for step in range(1, steps + 1):
         loss = ...; optimizer.zero_grad(); loss.backward(); optimizer.step()
-        scalars = controller.step(step)            # {"rank.<layer>": r, "rank_fraction": ...}
+        scalars = controller(step)                 # {"rank.<layer>": r, "rank_fraction": ...}
 
 The rule (docs/architecture.md §3 and §6, official ``in_rank_efficient.py``): every ``every`` optimizer steps after
 ``warmup``, take the singular values s of each layer's low-rank product U Vᵀ (the update W − W_0
@@ -14,7 +14,7 @@ ratio g(j) > α (``spectra.core.metrics.inrank_explained_ratio``, SVD by ``spect
 passes, to the top of that window. Ranks never shrink. The layer then trains r + b columns.
 
 Differences from the official code, each on purpose:
-- the schedule counts optimizer steps (``step(step)``), not forward calls, so evaluation
+- the schedule counts optimizer steps (``controller(step)``), not forward calls, so evaluation
   passes and gradient-accumulation micro-batches do not advance it;
 - the window includes r + b (official: r + b − 1), so buffer b = 1 can grow and buffer 0 is
   fixed-rank training at the initial rank instead of a crash;
@@ -36,10 +36,11 @@ import torch
 from torch import nn
 
 from spectra.core.linalg import batched_svd
-from spectra.methods.registry import Method
-from spectra.methods.optim_state import FRESH, remap_state
-from spectra.methods.inrank.layers import InRankEfficientLinear, InRankLinear, LowRankLinear
 from spectra.core.metrics import inrank_explained_ratio
+from spectra.methods.inrank.layers import InRankEfficientLinear, InRankLinear, LowRankLinear
+from spectra.methods.modules import replace_module, trainable_count
+from spectra.methods.optim_state import FRESH, remap_state
+from spectra.methods.registry import Method
 
 VARIANTS: dict[str, type[LowRankLinear]] = {"vanilla": InRankLinear,
                                             "efficient": InRankEfficientLinear}
@@ -47,7 +48,7 @@ RULE_INPUTS = ("product", "active", "increment")
 DEFAULT_LAYERS = ("*mlp.*",)  # the feed-forward Linears of a transformer block (nanoGPT, GPT-2)
 
 
-def next_rank(s: Any, *, rank: int, buffer: int, alpha: float, max_rank: int) -> int:
+def grow_rank(s: Any, *, rank: int, buffer: int, alpha: float, max_rank: int) -> int:
     """InRank's rank update from the singular values ``s`` (min(m, n),) of the low-rank product.
 
     Returns the first j in [max(r, 1), top] with g(j) > alpha, where top = min(r + b,
@@ -68,6 +69,11 @@ def next_rank(s: Any, *, rank: int, buffer: int, alpha: float, max_rank: int) ->
 class InRankController:
     """Grows the ranks of InRank layers every ``every`` optimizer steps after ``warmup``.
 
+    A controller of spectra.methods.registry (``controller(step) -> scalars``, ``state_dict``,
+    ``load_state_dict``): the state holds what a resumed run needs beyond the model's and the
+    optimizer's own (the products the increment rule compares with, the stage, the random
+    generator of new directions).
+
     Args:
         layers: module path → InRank layer (what ``to_inrank`` converted).
         alpha: explained-ratio threshold in (0, 1).
@@ -84,13 +90,16 @@ class InRankController:
         model: the converted model (for the trainable-parameter count in the scalars).
         optimizer: whose state to keep consistent on rank changes (set it later with
             ``attach`` or ``adamw``).
+        generator: the torch.Generator the layers draw new directions from (saved with the
+            controller's state, so that a resumed run draws the same ones).
     """
 
     def __init__(self, layers: Mapping[str, LowRankLinear], *, alpha: float = 0.9,
                  every: int = 25, warmup: int = 100, search_steps: int | None = None,
                  rule_input: str = "product", fresh_moments: str = "zero",
                  model: nn.Module | None = None,
-                 optimizer: torch.optim.Optimizer | None = None):
+                 optimizer: torch.optim.Optimizer | None = None,
+                 generator: torch.Generator | None = None):
         _check_rule(alpha, every, warmup, search_steps, rule_input, fresh_moments)
         if not layers:
             raise ValueError("layers is empty: nothing to control")
@@ -99,7 +108,7 @@ class InRankController:
         self.search_steps = search_steps
         self.rule_input, self.fresh_moments = rule_input, fresh_moments
         self._previous: dict[str, torch.Tensor] = {}  # products at the last evaluation
-        self.model, self.optimizer = model, optimizer
+        self.model, self.optimizer, self.generator = model, optimizer, generator
         self.searching = True  # stage 1 (grow) until truncate()
 
     def attach(self, optimizer: torch.optim.Optimizer) -> "InRankController":
@@ -131,7 +140,7 @@ class InRankController:
                    "lr_scale": lr_scale}]
         return self.attach(torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)).optimizer
 
-    def step(self, step: int) -> dict[str, float]:
+    def __call__(self, step: int) -> dict[str, float]:
         """Call after optimizer step ``step`` (1-based). Applies the rule when due, switches
         to stage 2 at ``search_steps``; returns the scalars to record."""
         if self.searching and step > self.warmup and step % self.every == 0:
@@ -153,7 +162,7 @@ class InRankController:
                 layer = self.layers[name]
                 if self.rule_input == "active":
                     s = s[:layer.active_rank]
-                rank = next_rank(s, rank=layer.rank, buffer=layer.buffer, alpha=self.alpha,
+                rank = grow_rank(s, rank=layer.rank, buffer=layer.buffer, alpha=self.alpha,
                                  max_rank=layer.max_rank)
                 if rank != layer.rank:
                     remap_state(self.optimizer, layer.grow(rank), fresh=self.fresh_moments)
@@ -172,7 +181,7 @@ class InRankController:
         """Stage 2 of efficient InRank: every layer keeps its top ``rank`` directions, drops
         its buffer, and stops growing."""
         for layer in self.layers.values():
-            remap_state(self.optimizer, layer.truncate())
+            remap_state(self.optimizer, layer.truncate(layer.rank))
         self.searching = False
 
     def scalars(self) -> dict[str, float]:
@@ -182,9 +191,26 @@ class InRankController:
         active = sum(layer.active_rank for layer in self.layers.values())
         out["rank_fraction"] = active / sum(layer.full_rank for layer in self.layers.values())
         if self.model is not None:
-            out["trainable_params"] = float(sum(p.numel() for p in self.model.parameters()
-                                                if p.requires_grad))
+            out["trainable_params"] = float(trainable_count(self.model))
         return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """The products the increment rule compares with, the stage, and the generator of new
+        directions (the layers' ranks and factors are in the model's state dict)."""
+        return {"previous": {name: p.clone() for name, p in self._previous.items()},
+                "searching": self.searching,
+                "generator": None if self.generator is None else self.generator.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what ``state_dict`` saved (load the model's state dict too: it resizes the
+        layers to the checkpoint's ranks, keeping the Parameter objects the optimizer holds)."""
+        self._previous = {name: p.clone() for name, p in state["previous"].items()}
+        self.searching = bool(state["searching"])
+        if state["generator"] is not None:
+            if self.generator is None:
+                raise ValueError("the checkpoint has a generator state but this controller "
+                                 "has no generator; build it with to_inrank()")
+            self.generator.set_state(state["generator"])
 
 
 def to_inrank(model: nn.Module, *, layers: str | Sequence[str] | None = None,
@@ -214,15 +240,14 @@ def to_inrank(model: nn.Module, *, layers: str | Sequence[str] | None = None,
     names = select_linears(model, DEFAULT_LAYERS if layers is None else layers)
     converted = {}
     for name in names:
-        parent, _, attr = name.rpartition(".")
         layer = VARIANTS[variant].from_linear(
             model.get_submodule(name), rank=rank, buffer=buffer, max_rank=max_rank,
             init_scale=init_scale, new_columns=new_columns, generator=generator)
-        setattr(model.get_submodule(parent), attr, layer)
+        replace_module(model, name, layer)
         converted[name] = layer
     return InRankController(converted, alpha=alpha, every=every, warmup=warmup,
                             search_steps=search_steps, rule_input=rule_input,
-                            fresh_moments=fresh_moments, model=model)
+                            fresh_moments=fresh_moments, model=model, generator=generator)
 
 
 def _check_rule(alpha: Any, every: Any, warmup: Any, search_steps: Any, rule_input: Any,
@@ -300,7 +325,7 @@ def fixed_rank_method(model: nn.Module, *, lr: float, weight_decay: float, total
 def _method(name: str, controller: InRankController, lr: float, weight_decay: float,
             lr_scale: float, factor_decay: float | None) -> Method:
     optimizer = controller.adamw(lr, weight_decay, lr_scale=lr_scale, factor_decay=factor_decay)
-    return Method(name, controller.model, optimizer, controller.step)
+    return Method(name, controller.model, optimizer, controller)
 
 
 def _patterns(layers: str | Sequence[str] | None) -> list[str] | None:

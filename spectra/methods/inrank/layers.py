@@ -13,9 +13,10 @@ factors, not a Parameter, so spectra's Recorder records these layers like any Li
 
 Growing keeps the function: new columns get U = 0 and V = random unit-norm directions
 orthogonal to the current V (scaled to the current columns' mean norm), so the buffer explores
-input directions the layer does not use yet. Resizing swaps new tensors into the Parameters,
-keeping the Parameter objects the optimizer holds; each change returns the ColumnMaps that
-spectra.methods.optim_state needs to carry the optimizer state over.
+input directions the layer does not use yet. Resizing swaps new tensors into the Parameters
+(spectra.methods.modules.resize_parameter), keeping the Parameter objects the optimizer holds;
+each change returns the StateMaps that spectra.methods.optim_state needs to carry the optimizer
+state over.
 
 State dict: the factors plus ``_extra_state = {"rank": r, "buffer": b}``; loading resizes the
 factors first, so a checkpoint loads into a layer of any rank.
@@ -31,7 +32,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from spectra.core.linalg import batched_svd
-from spectra.methods.optim_state import ColumnMap
+from spectra.methods.modules import resize_parameter
+from spectra.methods.optim_state import StateMap
 
 NEW_COLUMNS = ("orthogonal", "random", "kaiming")
 
@@ -105,7 +107,7 @@ class LowRankLinear(nn.Module):
         """U Vᵀ (out, in): the low-rank part of the weight (what the InRank rule measures)."""
         return self.u @ self.v.T
 
-    def grow(self, rank: int) -> list[ColumnMap]:
+    def grow(self, rank: int) -> list[StateMap]:
         """Set the rank to ``rank`` (≥ the current one) and activate rank + buffer columns
         (capped at max_rank), new ones with U = 0 so the output does not change."""
         if rank < self.rank:
@@ -116,40 +118,40 @@ class LowRankLinear(nn.Module):
         return self._activate(min(rank + self.buffer, self.max_rank))
 
     @torch.no_grad()
-    def truncate(self) -> list[ColumnMap]:
-        """Keep the top ``rank`` singular directions of U Vᵀ and drop the buffer (buffer → 0).
+    def truncate(self, rank: int) -> list[StateMap]:
+        """Keep the top ``rank`` singular directions of U Vᵀ: the layer then trains exactly
+        ``rank`` columns (rank → ``rank``, buffer → 0).
 
         With U = Q_U R_U, V = Q_V R_V and the SVD of the small core R_U R_Vᵀ = P S Qᵀ:
         U' = U T_U, V' = V T_V with T_U = R_U⁺ P_r S_r^½, T_V = R_V⁺ Q_r S_r^½, so U' V'ᵀ is the
-        best rank-r approximation of U Vᵀ with balanced factors. The ColumnMaps carry the
-        optimizer state through these linear maps (see adam_state).
+        best rank-r approximation of U Vᵀ with balanced factors. The StateMaps carry the
+        optimizer state through these linear maps (spectra.methods.optim_state).
         """
-        r = min(self.rank, self.active_rank)
+        _check_int("rank", rank, 0, self.active_rank)
+        r = rank
         u, v = self.u.detach().double(), self.v.detach().double()
         r_u, r_v = torch.linalg.qr(u).R, torch.linalg.qr(v).R
         svd = batched_svd((r_u @ r_v.T)[None], compute="full")
         root = svd.S[0, :r].sqrt()
         t_u = torch.linalg.pinv(r_u) @ (svd.U[0, :, :r] * root)
         t_v = torch.linalg.pinv(r_v) @ (svd.Vh[0, :r].T * root)
-        dtype = self.u.dtype
-        self._assign(self.u, (u @ t_u).to(dtype))
-        self._assign(self.v, (v @ t_v).to(dtype))
-        self.buffer = 0
-        return [ColumnMap(self.u, t_v.to(dtype)), ColumnMap(self.v, t_u.to(dtype))]
+        resize_parameter(self.u, u @ t_u)
+        resize_parameter(self.v, v @ t_v)
+        self.rank, self.buffer = r, 0
+        return [StateMap(self.u, right=t_v), StateMap(self.v, right=t_u)]
 
     # -- resizing ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _activate(self, k: int) -> list[ColumnMap]:
+    def _activate(self, k: int) -> list[StateMap]:
         """Grow to k active columns (k ≥ current): U gets zero columns, V new directions."""
         old = self.active_rank
         if k <= old:
             return []
         new_u, new_v = self._new_columns(k - old)
-        self._assign(self.u, torch.cat([self.u, new_u], 1))
-        self._assign(self.v, torch.cat([self.v, new_v], 1))
-        keep = torch.eye(old, dtype=self.u.dtype, device=self.u.device)
-        return [ColumnMap(self.u, keep, fresh=k - old), ColumnMap(self.v, keep, fresh=k - old)]
+        resize_parameter(self.u, torch.cat([self.u, new_u], 1))
+        resize_parameter(self.v, torch.cat([self.v, new_v], 1))
+        return [StateMap(self.u, fresh=k - old), StateMap(self.v, fresh=k - old)]
 
     def _new_columns(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(out, count) new columns of U and (in, count) of V, as ``new_columns`` says."""
@@ -177,16 +179,6 @@ class LowRankLinear(nn.Module):
         directions = torch.linalg.qr(draw).Q
         return (directions * scale).to(self.v.dtype)
 
-    def _assign(self, param: nn.Parameter, value: torch.Tensor) -> None:
-        """Give ``param`` new values (and shape), keeping the Python object the optimizer holds.
-
-        ``torch.utils.swap_tensors`` rather than ``param.data = value``: the latter keeps the
-        autograd accumulator of the old shape, which breaks backward while any graph built
-        before the resize is still alive."""
-        fresh = nn.Parameter(value.detach().contiguous(), requires_grad=param.requires_grad)
-        torch.utils.swap_tensors(param, fresh)
-        param.grad = None
-
     # -- state dict ----------------------------------------------------------------------------
 
     def get_extra_state(self) -> dict[str, int]:
@@ -202,8 +194,8 @@ class LowRankLinear(nn.Module):
         if extra is not None and prefix + "u" in state_dict:
             self.set_extra_state(extra)
             k = state_dict[prefix + "u"].shape[1]
-            self._assign(self.u, self.u.new_zeros(self.out_features, k))
-            self._assign(self.v, self.v.new_zeros(self.in_features, k))
+            resize_parameter(self.u, self.u.new_zeros(self.out_features, k))
+            resize_parameter(self.v, self.v.new_zeros(self.in_features, k))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -263,8 +255,8 @@ class InRankEfficientLinear(LowRankLinear):
     def _start_from(self, weight: torch.Tensor) -> None:
         svd = batched_svd(weight[None], compute="topk", k=self.active_rank)
         root = svd.S[0].sqrt()
-        self._assign(self.u, (svd.U[0] * root).to(weight.dtype))
-        self._assign(self.v, (svd.Vh[0].T * root).to(weight.dtype))
+        resize_parameter(self.u, svd.U[0] * root)
+        resize_parameter(self.v, svd.Vh[0].T * root)
 
     @property
     def weight(self) -> torch.Tensor:

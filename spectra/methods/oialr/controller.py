@@ -9,7 +9,7 @@ The controller, run after every optimizer step:
    same function; its bias is carried over and keeps training.
 2. Every ``frequency`` steps after a layer's conversion: SVD of Σ, rotate U and V (``rotate``),
    then cut the ranks whose σ < β·σ_1, at most half of them per update and never below the
-   minimum rank (``next_rank``). Ranks never grow.
+   minimum rank (``cut_rank``). Ranks never grow.
 
 Candidates (docs/architecture.md §7): nn.Linear and nn.Conv2d (zero padding) whose matrix (out, in·kh·kw)
 has min dim > max dim / 10; embeddings, norms and biases are never factorised; the first and the
@@ -28,28 +28,38 @@ code resets at conversion and slices the unrotated moments at cuts).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from spectra.methods.registry import Method, adamw_for
-from spectra.methods.optim_state import FIRST_MOMENTS, SECOND_MOMENTS
+from spectra.methods.modules import replace_module, trainable_count
 from spectra.methods.oialr.layers import SVDLayer, to_svd_layer
 from spectra.methods.oialr.trigger import StabilityTrigger
+from spectra.methods.optim_state import StateMap, remap_state, replace_parameter
+from spectra.methods.registry import Method, adamw_for
 
 MOMENTS = ("transform", "reset")
 _DENSE = (nn.Linear, nn.Conv2d)
 
 
 class Trigger(Protocol):
-    """Decides when a full-rank candidate layer converts to U Σ Vᵀ."""
+    """Decides when a full-rank candidate layer converts to U Σ Vᵀ; a controller
+    (spectra.methods.registry.Controller) whose call also sets ``ready``."""
 
-    def ready(self, step: int, path: str, layer: nn.Module) -> bool:
-        """Called after every optimizer step for each layer still at full rank."""
+    ready: list[str]
+    """The watched paths found ready at the last call; they are no longer watched."""
 
-    def scalars(self) -> dict[str, float]:
-        """What the trigger measured, to record (may be empty)."""
+    def watch(self, model: nn.Module, paths: Sequence[str]) -> None:
+        """Decide for the dense layers at ``paths`` of ``model`` from now on."""
+
+    def __call__(self, step: int) -> dict[str, float]:
+        """Called after every optimizer step (and at step 0); sets ``ready``."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
 class FixedDelay:
@@ -59,15 +69,25 @@ class FixedDelay:
         if not isinstance(delay, int) or delay < 0:
             raise ValueError(f"delay={delay!r}; must be an int >= 0 (optimizer steps)")
         self.delay = delay
+        self.watched: list[str] = []
+        self.ready: list[str] = []
 
-    def ready(self, step: int, path: str, layer: nn.Module) -> bool:
-        return step >= self.delay
+    def watch(self, model: nn.Module, paths: Sequence[str]) -> None:
+        self.watched = list(paths)
 
-    def scalars(self) -> dict[str, float]:
+    def __call__(self, step: int) -> dict[str, float]:
+        self.ready = self.watched if step >= self.delay else []
+        self.watched = [path for path in self.watched if path not in self.ready]
         return {}
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"watched": list(self.watched)}
 
-def next_rank(s: torch.Tensor, rank: int, beta: float, min_rank: int) -> int:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.watched = list(state["watched"])
+
+
+def cut_rank(s: torch.Tensor, rank: int, beta: float, min_rank: int) -> int:
     """OIALR's cut: the number of singular values σ ≥ β·σ_1 in ``s`` (k,) descending, but at
     least ⌊rank / 2⌋ (at most half cut per update) and ``min_rank``; never above ``rank``."""
     above = int((s >= beta * s[0]).sum())
@@ -101,10 +121,8 @@ def convert_layers(model: nn.Module, paths: list[str]) -> dict[str, SVDLayer]:
     before ``load_state_dict`` (the layers take the checkpoint's ranks)."""
     converted = {}
     for path in paths:
-        parent_path, _, name = path.rpartition(".")
-        layer = to_svd_layer(model.get_submodule(path))
-        setattr(model.get_submodule(parent_path), name, layer)
-        converted[path] = layer
+        converted[path] = to_svd_layer(model.get_submodule(path))
+        replace_module(model, path, converted[path])
     return converted
 
 
@@ -145,47 +163,44 @@ class OIALR:
         self.beta, self.frequency, self.moments = beta, frequency, moments
         self.min_rank_fraction = min_rank_fraction
         self.candidates = oialr_candidates(model, keep_first=keep_first, keep_last=keep_last)
-        self.pending = list(self.candidates)
-        if not self.pending:
+        if not self.candidates:
             layers = [p for p, m in model.named_modules() if isinstance(m, _DENSE)]
             raise ValueError(f"{type(model).__name__} has no layer OIALR can factorise "
                              f"(keep_first={keep_first}, keep_last={keep_last}); its "
                              f"Linear/Conv2d layers: {layers}")
         self.converted_at: dict[str, int] = {}
-        self.full_params = _trainable(model)
-        self._convert_ready(0)
+        self.full_params = trainable_count(model)
+        self.trigger.watch(model, self.candidates)
+        self._trigger_scalars = self._convert_ready(0)
 
     def __call__(self, step: int) -> dict[str, float]:
-        self._convert_ready(step)
+        self._trigger_scalars = self._convert_ready(step)
         for path, start in self.converted_at.items():
             if step > start and (step - start) % self.frequency == 0:
                 self.cut(path)
         return self.scalars()
 
-    def _convert_ready(self, step: int) -> None:
-        for path in list(self.pending):
-            if self.trigger.ready(step, path, self.model.get_submodule(path)):
-                self.convert(path, step)
+    def _convert_ready(self, step: int) -> dict[str, float]:
+        scalars = self.trigger(step)
+        for path in self.trigger.ready:
+            self.convert(path, step)
+        return scalars
 
     def convert(self, path: str, step: int) -> None:
         """Replace the dense layer at ``path`` by U Σ Vᵀ; W's optimizer state goes to Σ."""
         dense = self.model.get_submodule(path)
         (layer,) = convert_layers(self.model, [path]).values()
-        _swap_parameter(self.optimizer, dense.weight, layer.sigma)
-        self._carry_state(dense.weight, layer.sigma, layer.u.double(), layer.v.double())
-        self.pending.remove(path)
+        replace_parameter(self.optimizer, dense.weight, layer.sigma)
+        matrix = StateMap(layer.sigma, left=layer.u.double(), right=layer.v.double(),
+                          source=dense.weight)
+        remap_state(self.optimizer, [matrix], moments=self.moments)
         self.converted_at[path] = step
 
     def cut(self, path: str) -> None:
         """Rotate the layer at ``path`` so Σ is diagonal, then cut its rank by the rule."""
         layer = self.model.get_submodule(path)
-        p, q = layer.rotate()
-        rank = next_rank(torch.diagonal(layer.sigma.detach()), layer.rank, self.beta,
-                         self.min_rank(layer))
-        old = layer.sigma
-        layer.truncate(rank)
-        _swap_parameter(self.optimizer, old, layer.sigma)
-        self._carry_state(old, layer.sigma, p[:, :rank], q[:, :rank])
+        rank = cut_rank(layer.singular_values(), layer.rank, self.beta, self.min_rank(layer))
+        remap_state(self.optimizer, layer.truncate(rank), moments=self.moments)
 
     def min_rank(self, layer: SVDLayer) -> int:
         """The smallest rank a layer may be cut to."""
@@ -200,52 +215,26 @@ class OIALR:
             out[f"rank.{path}"] = float(rank)
         for path, step in self.converted_at.items():
             out[f"converted_at.{path}"] = float(step)
-        trainable = _trainable(self.model)
+        trainable = trainable_count(self.model)
         out["trainable_params"] = float(trainable)
         out["trainable_percent"] = 100.0 * trainable / self.full_params
-        return {**out, **self.trigger.scalars()}
+        return {**out, **self._trigger_scalars}
 
-    def _carry_state(self, old: nn.Parameter, new: nn.Parameter, left: torch.Tensor,
-                     right: torch.Tensor) -> None:
-        """Move ``old``'s optimizer state to ``new`` (Σ' = leftᵀ · old · right), or reset it."""
-        state = self.optimizer.state.pop(old, None)
-        if not state or self.moments == "reset":
-            return
-        carried = {}
-        for key, value in state.items():
-            if key in FIRST_MOMENTS:
-                carried[key] = _transform(value, left, right)
-            elif key in SECOND_MOMENTS:
-                carried[key] = _transform(value, left**2, right**2)
-            elif isinstance(value, torch.Tensor) and value.numel() > 1:
-                raise ValueError(f"optimizer state {key!r} of shape {tuple(value.shape)}: no "
-                                 f"known transformation to Σ's coordinates; supported: "
-                                 f"{FIRST_MOMENTS + SECOND_MOMENTS} (or moments='reset')")
-            else:
-                carried[key] = value
-        self.optimizer.state[new] = carried
+    def state_dict(self) -> dict[str, Any]:
+        """The conversion steps and the trigger's state (ranks and factors are in the model's
+        state dict, moments in the optimizer's)."""
+        return {"converted_at": dict(self.converted_at), "trigger": self.trigger.state_dict(),
+                "trigger_scalars": dict(self._trigger_scalars)}
 
-
-def _transform(value: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """leftᵀ · value · right in float64, with value read as a matrix (m, n); back in its dtype."""
-    matrix = value.double().reshape(left.shape[0], right.shape[0])
-    return (left.T @ matrix @ right).to(value.dtype).contiguous()
-
-
-def _swap_parameter(optimizer: torch.optim.Optimizer, old: nn.Parameter,
-                    new: nn.Parameter) -> None:
-    """Put ``new`` where ``old`` is in the optimizer's parameter groups."""
-    for group in optimizer.param_groups:
-        for i, param in enumerate(group["params"]):
-            if param is old:
-                group["params"][i] = new
-                return
-    raise ValueError("the optimizer does not train the weight of a layer OIALR converts; "
-                     "build the optimizer from model.parameters() before the controller")
-
-
-def _trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Convert the layers the checkpoint had converted (at full rank: loading the model's
+        state dict then sets their ranks and values), restore the trigger."""
+        for path in state["converted_at"]:
+            if path not in self.converted_at:
+                self.convert(path, int(state["converted_at"][path]))
+        self.converted_at = {path: int(step) for path, step in state["converted_at"].items()}
+        self.trigger.load_state_dict(state["trigger"])
+        self._trigger_scalars = dict(state["trigger_scalars"])
 
 
 _CONTROLLER_OPTIONS = ("beta", "min_rank_fraction", "keep_first", "keep_last", "moments")
