@@ -330,6 +330,18 @@ def test_bad_arguments_are_clear_errors_and_leave_the_model_alone(kwargs, messag
     assert all(type(m) is not InRankLinear for m in model.modules())
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"bufer": 4}, r"unknown InRank option\(s\) \['bufer'\]"),
+    ({"preset": "paper"}, "preset='paper'"), ({"window": "wide"}, "window='wide'"),
+    ({"count": "epochs"}, "count='epochs'"), ({"max_rank": "third"}, "max_rank='third'"),
+    ({"buffer": "many"}, "buffer='many'"), ({"moments": "reset"}, "moments='reset'"),
+])
+def test_bad_method_options_are_clear_errors(options, message):
+    with pytest.raises(ValueError, match=message):
+        build_method("inrank", Block(), lr=1e-3, weight_decay=0.0, total_steps=10,
+                     layers="mlp.*", **options)
+
+
 def test_select_linears_lists_the_available_layers_in_its_error():
     with pytest.raises(ValueError, match=r"\['attn', 'mlp.0', 'mlp.2'\]"):
         select_linears(Block(), "nothing")
@@ -352,7 +364,7 @@ def test_methods_train_and_report_ranks(method, options):
     assert set(scalars) == {"rank.mlp.0", "rank.mlp.2", "rank_fraction", "trainable_params"}
     assert scalars["trainable_params"] == sum(p.numel() for p in model.parameters())
     factor_group = built.optimizer.param_groups[-1]
-    assert factor_group["lr_scale"] == options.get("lr_scale", 1.0)
+    assert factor_group["lr_scale"] == options.get("lr_scale", 4.0)  # ours: the factors at 4×
     if method == "inrank-efficient":
         assert all(m.buffer == 0 for m in model.modules() if isinstance(m, InRankEfficientLinear))
 

@@ -63,7 +63,7 @@ CASES = {
     "oialr": (mlp, 10, "oialr", {"delay": 4, "frequency": 3, "beta": 0.5,
                                  "keep_first": False}),
     "oialr-stability": (mlp, 10, "oialr-stability",
-                        {"check_every": 2, "threshold": 0.05, "window": 2, "frequency": 3,
+                        {"check_every": 2, "ratio": 0.05, "window": 2, "frequency": 3,
                          "beta": 0.5, "keep_first": False}),
 }
 

@@ -32,7 +32,16 @@ What :func:`remap_state` does with the state of such a parameter (``moments="tra
   catch up (``fresh="row-mean"``: the row's mean second moment instead).
 - the step count and every scalar entry are kept.
 
-``moments="reset"`` drops the parameter's state instead (a fresh Adam, step count restarting).
+The other policies (``moments=``), what the official InRank and OIALR code do:
+
+- "zero": moments set to zero in the new shape, the step count kept (OIALR at conversion);
+  Adam's bias correction then divides the first updates by 1 − β^t ≈ 1 instead of a fresh
+  Adam's 1 − β, so they are smaller than a new parameter's.
+- "slice": the leading block of the old moments in the new shape, new entries zero, the maps
+  ignored (OIALR at cuts, InRank at its stage switch): moments accumulated in the old,
+  unrotated coordinates.
+- "reset": the state dropped (a fresh Adam, the step count restarting).
+
 Any other parameter-shaped state tensor raises ValueError: we do not guess how to map it.
 """
 
@@ -47,7 +56,7 @@ from torch import nn
 FIRST_MOMENTS = ("exp_avg", "momentum_buffer")
 SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")
 FRESH = ("zero", "row-mean")
-MOMENTS = ("transform", "reset")
+MOMENTS = ("transform", "zero", "slice", "reset")
 
 
 @dataclass(frozen=True)
@@ -68,7 +77,7 @@ def remap_state(optimizer: torch.optim.Optimizer | None, maps: Iterable[StateMap
     """Rewrite the optimizer state of each mapped parameter (module docstring). Parameters with
     no state yet (no step taken) are left alone; ``optimizer=None`` is a no-op.
 
-    moments: "transform" (map the moments) or "reset" (drop the state).
+    moments: "transform" (map the moments), "zero", "slice" or "reset" (module docstring).
     fresh: second moment of fresh columns, "zero" or "row-mean"."""
     if moments not in MOMENTS:
         raise ValueError(f"moments={moments!r}; accepted: {MOMENTS}")
@@ -81,7 +90,7 @@ def remap_state(optimizer: torch.optim.Optimizer | None, maps: Iterable[StateMap
         state = optimizer.state.pop(source, None)
         if not state or moments == "reset":
             continue
-        optimizer.state[change.param] = {key: _mapped(key, value, change, fresh)
+        optimizer.state[change.param] = {key: _mapped(key, value, change, moments, fresh)
                                           for key, value in state.items()}
 
 
@@ -98,7 +107,7 @@ def replace_parameter(optimizer: torch.optim.Optimizer, old: nn.Parameter,
                      "optimizer from model.parameters() before the method changes the model")
 
 
-def _mapped(key: str, value, change: StateMap, fresh_rule: str):
+def _mapped(key: str, value, change: StateMap, policy: str, fresh_rule: str):
     if key not in FIRST_MOMENTS + SECOND_MOMENTS:
         if isinstance(value, torch.Tensor) and value.numel() > 1:
             raise ValueError(f"optimizer state {key!r} of shape {tuple(value.shape)}: cannot map it "
@@ -107,6 +116,10 @@ def _mapped(key: str, value, change: StateMap, fresh_rule: str):
         return value  # the step count and other scalars
     if value is None:
         return value  # SGD without momentum
+    if policy == "zero":
+        return torch.zeros_like(change.param, dtype=value.dtype)
+    if policy == "slice":
+        return _leading_block(value, change.param)
     rows = value.shape[0] if change.left is None else change.left.shape[0]
     old = value.detach().double().reshape(rows, -1)
     second = key in SECOND_MOMENTS
@@ -125,3 +138,13 @@ def _mapped(key: str, value, change: StateMap, fresh_rule: str):
         raise ValueError(f"state map gives {key!r} shape {tuple(mapped.shape)} but the parameter "
                          f"has shape {tuple(change.param.shape)}")
     return mapped.reshape(change.param.shape).to(value.dtype).contiguous()
+
+
+def _leading_block(value: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
+    """The leading block of ``value`` in ``param``'s shape (read as matrices), zero-padded."""
+    old = value.detach().reshape(value.shape[0], -1)
+    rows, cols = param.shape[0], param[0].numel() if param.ndim > 1 else 1
+    block = old.new_zeros(rows, cols)
+    r, c = min(rows, old.shape[0]), min(cols, old.shape[1])
+    block[:r, :c] = old[:r, :c]
+    return block.reshape(param.shape).contiguous()

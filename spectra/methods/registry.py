@@ -71,11 +71,11 @@ class Method:
 
 METHODS: dict[str, str] = {
     "full": "spectra.methods.registry:full_method",
-    "inrank": "spectra.methods.inrank.controller:inrank_method",
-    "inrank-efficient": "spectra.methods.inrank.controller:inrank_efficient_method",
-    "fixed-rank": "spectra.methods.inrank.controller:fixed_rank_method",
-    "oialr": "spectra.methods.oialr.controller:oialr_method",
-    "oialr-stability": "spectra.methods.oialr.controller:oialr_stability_method",
+    "inrank": "spectra.methods.inrank.methods:inrank_method",
+    "inrank-efficient": "spectra.methods.inrank.methods:inrank_efficient_method",
+    "fixed-rank": "spectra.methods.inrank.methods:fixed_rank_method",
+    "oialr": "spectra.methods.oialr.methods:oialr_method",
+    "oialr-stability": "spectra.methods.oialr.methods:oialr_stability_method",
 }
 
 
