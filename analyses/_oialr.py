@@ -30,14 +30,14 @@ LABELS = {"full": "full rank", "oialr-official": "OIALR, official preset (fixed 
           "oialr-stability": "OIALR-stability, ours (no delay)"}
 
 
-def arms(ratio: float, options: Mapping[str, object] | None = None) -> list[Arm]:
+def arms(ratio: float, *, fixed_delay: bool = True,
+         trigger_options: Mapping[str, object] | None = None) -> list[Arm]:
     """The arms of an OIALR study: full rank, the official preset, ours with the paper's fixed
-    delay and ours with the stability trigger at ``ratio``; ``options`` go to every OIALR arm."""
-    options = dict(options or {})
-    return [Arm("full", "full"),
-            Arm("oialr-official", "oialr", {"preset": "official", **options}),
-            Arm("oialr", "oialr", options),
-            Arm("oialr-stability", "oialr-stability", {"ratio": ratio, **options})]
+    delay (``fixed_delay``) and ours with the stability trigger at ``ratio``."""
+    return [Arm("full", "full"), Arm("oialr-official", "oialr", {"preset": "official"}),
+            *([Arm("oialr", "oialr")] if fixed_delay else []),
+            Arm("oialr-stability", "oialr-stability",
+                {"ratio": ratio, **(trigger_options or {})})]
 
 
 def run_study(study: Study, chosen_arms: list[Arm], args: argparse.Namespace, name: str,

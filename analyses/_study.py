@@ -17,8 +17,10 @@ deviation [min, max]. A finished run whose store holds the same configuration is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -197,20 +199,22 @@ class Study:
         """The store of ``arm`` at learning rate ``lr`` and ``seed``: trained now unless a
         finished run with the same configuration is in the output folder."""
         path = self.path(arm, lr, seed)
-        if not self.fresh and finished(path, self.task.config(arm.method, lr, seed, arm.options)):
+        config = self.task.config(arm.method, lr, seed, arm.options)
+        with _claimed(path):  # another process training the same run: wait for it
+            if not self.fresh and finished(path, config):
+                return path
+            if path.exists() and not is_run_store(path):
+                raise ValueError(f"{path} exists and is not a run store; choose another --out")
+            shutil.rmtree(path, ignore_errors=True)
+            if not self.quiet:
+                print(f"{self.task.name} {arm.label} ({arm.method} {dict(arm.options)}) "
+                      f"lr {lr:g} seed {seed} → {path}", flush=True)
+            start = time.perf_counter()
+            result = self.task.train(arm.method, path, lr, seed, arm.options, self.quiet)
+            if not self.quiet:
+                print(f"  {self.task.score} {result.final[self.task.score]:.4f} in "
+                      f"{time.perf_counter() - start:.0f} s", flush=True)
             return path
-        if path.exists() and not is_run_store(path):
-            raise ValueError(f"{path} exists and is not a run store; choose another --out")
-        shutil.rmtree(path, ignore_errors=True)
-        if not self.quiet:
-            print(f"{self.task.name} {arm.label} ({arm.method} {dict(arm.options)}) lr {lr:g} "
-                  f"seed {seed} → {path}", flush=True)
-        start = time.perf_counter()
-        result = self.task.train(arm.method, path, lr, seed, arm.options, self.quiet)
-        if not self.quiet:
-            print(f"  {self.task.score} {result.final[self.task.score]:.4f} in "
-                  f"{time.perf_counter() - start:.0f} s", flush=True)
-        return path
 
     # -- the protocol's two phases -------------------------------------------------------------
 
@@ -235,6 +239,41 @@ class Study:
         """Every arm at its chosen learning rate on every reporting seed."""
         return {(arm.label, seed): self.run(arm, chosen[arm.label], seed)
                 for arm in arms for seed in self.protocol.reporting_seeds}
+
+
+@contextlib.contextmanager
+def _claimed(path: Path, poll: float = 30.0):
+    """Hold ``<path>.lock`` (its owner's pid) while deciding on and training the run at
+    ``path``, so that two processes of a study split by --arms never train the same run; a
+    lock whose owner is gone is taken over."""
+    lock = path.with_name(path.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            with open(lock, "x") as handle:
+                handle.write(str(os.getpid()))
+            break
+        except FileExistsError:
+            if not _alive(lock.read_text().strip()):
+                lock.unlink(missing_ok=True)
+                continue
+            time.sleep(poll)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: str) -> bool:
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def chosen_rates(tuning: pd.DataFrame) -> dict[str, float]:
