@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from _study import Arm, Study, Task, chosen_rates, last_finite, runs_table, spread, \
+from _study import Arm, Study, Task, chosen_rates, last_finite, markdown, runs_table, spread, \
     step_times, summarise  # noqa: E402
 
 from spectra import plot  # noqa: E402
@@ -63,7 +63,9 @@ def run_study(study: Study, chosen_arms: list[Arm], args: argparse.Namespace, na
     finals = final_models(runs, chosen_arms, model)
     summary["ms_per_step"] = summary["arm"].map(step_times(finals, loss, steps=args.time_steps))
     summary.to_csv(args.figures / f"{name}{tag}-summary.csv", index=False, float_format="%.6g")
-    print(readable(summary, table, score, study.task.name == "gpt").to_string(index=False))
+    shown = readable(summary, table, score, study.task.name == "gpt")
+    print(shown.to_string(index=False))
+    (args.figures / f"{name}{tag}-table.md").write_text(markdown(shown))
     draw(study, runs, args.figures / f"{name}{tag}", args.quiet)
 
 

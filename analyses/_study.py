@@ -371,3 +371,11 @@ def step_times(models: Mapping[str, torch.nn.Module], loss: Callable[[torch.nn.M
                 optimizers[label].step()
             times[label].append((time.perf_counter() - start) / steps * 1e3)
     return {label: float(np.median(values)) for label, values in times.items()}
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    """``frame`` as a GitHub markdown table (what the docs and the README paste)."""
+    cells = [[str(value) for value in row] for row in frame.itertuples(index=False)]
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |",
+             "|" + "---|" * len(frame.columns)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells]) + "\n"

@@ -14,7 +14,8 @@ trained (Σ(r + b) / Σ min(m, n)), trainable parameters, step time at the final
     python analyses/inrank_gpt.py --arms full inrank   # train only these arms (no tables)
     python analyses/inrank_gpt.py --quick         # a few minutes: 30-step runs, 1 + 1 seeds
 
-Writes figures/inrank-{tuning,runs,summary}.csv and figures/inrank-{loss,ranks}.png.
+Writes figures/inrank-{tuning,runs,summary}.csv, figures/inrank-table.md and
+figures/inrank-{loss,ranks}.png.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from _study import Arm, Protocol, Study, chosen_rates, gpt_task, last_finite, parse, \
+from _study import Arm, Protocol, Study, chosen_rates, gpt_task, last_finite, markdown, parse, \
     runs_table, select, spread, step_times, study_parser, summarise  # noqa: E402
 
 from spectra import plot  # noqa: E402
@@ -77,7 +78,9 @@ def main() -> None:
     times = step_times(final_models(runs, arms), gpt_loss, steps=args.time_steps)
     summary["ms_per_step"] = summary["arm"].map(times)
     summary.to_csv(args.figures / f"inrank{tag}-summary.csv", index=False, float_format="%.6g")
-    print(readable(summary).to_string(index=False))
+    shown = readable(summary)
+    print(shown.to_string(index=False))
+    (args.figures / f"inrank{tag}-table.md").write_text(markdown(shown))
     plot.save(loss_figure(runs), args.figures / f"inrank{tag}-loss.png")
     plot.save(ranks_figure(runs, args.quiet), args.figures / f"inrank{tag}-ranks.png")
 

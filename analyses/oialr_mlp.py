@@ -28,7 +28,7 @@ from _study import Arm, Protocol, Study, mlp_task, parse, run_row, select, \
 from spectra.tasks.models import MLP
 
 TUNING_SEEDS, REPORTING_SEEDS = (0,), (10, 11, 12, 13, 14)
-LRS = (1e-3, 2e-3, 4e-3)
+LRS = (1e-3, 2e-3, 4e-3, 8e-3)
 RATIOS = (0.01, 0.03, 0.1)  # the stability trigger's ratio, swept on the tuning seeds
 RATIO_LR = 1e-3  # the learning rate of the ratio sweep (the demo's default)
 
