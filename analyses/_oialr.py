@@ -30,11 +30,12 @@ LABELS = {"full": "full rank", "oialr-official": "OIALR, official preset (fixed 
           "oialr-stability": "OIALR-stability, ours (no delay)"}
 
 
-def arms(ratio: float, *, fixed_delay: bool = True,
+def arms(ratio: float, *, official: bool = True, fixed_delay: bool = True,
          trigger_options: Mapping[str, object] | None = None) -> list[Arm]:
-    """The arms of an OIALR study: full rank, the official preset, ours with the paper's fixed
-    delay (``fixed_delay``) and ours with the stability trigger at ``ratio``."""
-    return [Arm("full", "full"), Arm("oialr-official", "oialr", {"preset": "official"}),
+    """The arms of an OIALR study: full rank, the official preset (``official``), ours with the
+    paper's fixed delay (``fixed_delay``) and ours with the stability trigger at ``ratio``."""
+    return [Arm("full", "full"),
+            *([Arm("oialr-official", "oialr", {"preset": "official"})] if official else []),
             *([Arm("oialr", "oialr")] if fixed_delay else []),
             Arm("oialr-stability", "oialr-stability",
                 {"ratio": ratio, **(trigger_options or {})})]

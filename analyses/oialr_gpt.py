@@ -4,8 +4,10 @@ The GPT half of the OIALR study (the MLP half: oialr_mlp.py), under the protocol
 analyses/README.md. The stability trigger runs with the single ratio chosen on the MLP's tuning
 seeds (read back from those runs, unchanged here): the test of a scale-free rule is that one
 setting serves both tasks. OIALR converts the block Linears (attention and MLP; embeddings never,
-the head stays dense by keep_last); the full-rank runs are shared with inrank_gpt.py. Our
-fixed-delay arm is left out of this grid for time (the MLP study has it).
+the head stays dense by keep_last); the full-rank runs are shared with inrank_gpt.py. The
+official preset and our fixed-delay arm are left out of this grid for time (the MLP study
+compares all four arms; a GPT run is ~7 minutes of one core): the GPT half tests only whether
+the stability trigger's MLP setting carries over.
 
     python analyses/oialr_gpt.py                  # hours on a busy 2-core CPU; runs reused
     python analyses/oialr_gpt.py --arms oialr-official   # train only these arms (no tables)
@@ -40,7 +42,7 @@ def main() -> None:
         ratio, _ = choose_ratio(mlp, RATIOS)
         study = Study(gpt_task(STEPS), Protocol(TUNING_SEEDS, REPORTING_SEEDS, LRS), args)
         options = {}
-    chosen = arms(ratio, fixed_delay=False, trigger_options=options)
+    chosen = arms(ratio, official=False, fixed_delay=False, trigger_options=options)
     run_study(study, select(chosen, args), args, "oialr-gpt", model, gpt_loss)
 
 
