@@ -1,5 +1,7 @@
 import pytest
 import torch
+
+from spectra.core.threads import torch_threads
 from torch import nn
 
 
@@ -55,3 +57,10 @@ def analyze_with_defaults(path):
     assert set(frame["param"].unique()) == set(run.params)
     assert all(frame.attrs["k"][p] <= min(run.shape(p)) for p in run.params)
     return frame
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: two threads on a busy 2-core machine made such tests 40× slower."""
+    with torch_threads(1):
+        yield

@@ -46,3 +46,11 @@ def test_singular_value():
     np.testing.assert_array_equal(metrics.singular_value(s, 2), [2.0, 1.0])
     with pytest.raises(ValueError, match=r"i=4; must be an int in \[1, 3\]"):
         metrics.singular_value(s, 4)
+
+
+def test_rewriting_touches_only_the_marked_block():
+    """A stale one-letter block must not be replaced wherever that letter occurs elsewhere."""
+    text = "arXiv before\n<!-- metric-table -->\nX\n<!-- /metric-table -->\narXiv after\n"
+    rewritten = metric_table.rewrite(text)
+    assert rewritten.startswith("arXiv before\n") and rewritten.endswith("\narXiv after\n")
+    assert metric_table.readme_block(rewritten) == metric_table.markdown()

@@ -126,15 +126,24 @@ _MARKERS = ("<!-- metric-table -->", "<!-- /metric-table -->")
 
 def readme_block(text: str) -> str:
     """The metric table between the README's markers."""
+    return _block(text).group(1)
+
+
+def _block(text: str) -> re.Match:
     match = re.search(f"{_MARKERS[0]}\n(.*?)\n{_MARKERS[1]}", text, re.S)
     if match is None:
         raise ValueError(f"no {_MARKERS[0]} … {_MARKERS[1]} block in the README")
-    return match.group(1)
+    return match
+
+
+def rewrite(text: str) -> str:
+    """``text`` with the span between the markers (only there) replaced by :func:`markdown`."""
+    span = _block(text).span(1)
+    return text[:span[0]] + markdown() + text[span[1]:]
 
 
 def _rewrite(path: Path) -> None:
-    text = path.read_text()
-    path.write_text(text.replace(readme_block(text), markdown()))
+    path.write_text(rewrite(path.read_text()))
 
 
 if __name__ == "__main__":
