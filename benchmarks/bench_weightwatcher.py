@@ -52,8 +52,8 @@ from spectra.capture.recorder import Recorder  # noqa: E402
 from spectra.core.linalg import blas_threads  # noqa: E402
 
 # WeightWatcher 0.7's analyze() options that add work beyond the ESD of each layer, all off
-# (plot, randomize, mp_fit, vectors and detX are on in its DEFAULT_PARAMS); fit="PL" with its
-# own "ww" power-law package is the cheapest fit, and the fit is always run.
+# (analyze's keyword defaults, spelled out so that a change of defaults cannot add work);
+# fit="PL" with its own "ww" power-law package is the cheapest fit; the fit cannot be skipped.
 WW_CHEAPEST = dict(plot=False, randomize=False, mp_fit=False, vectors=False, detX=False,
                    fix_fingers=False, deltas=False, intra=False, fit="PL", pl_package="ww",
                    svd_method="fast")
