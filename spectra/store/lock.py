@@ -91,6 +91,13 @@ class StoreLock:
     def __exit__(self, *exc: object) -> None:
         self.release()
 
+    def __del__(self) -> None:
+        """A lock whose holder object is gone is released, like a file closed on collection."""
+        try:
+            self.release()
+        except Exception:
+            pass  # interpreter shutdown
+
     def __repr__(self) -> str:
         return f"StoreLock({str(self.location)!r}, {self.name!r}, held={self.held})"
 
