@@ -159,3 +159,15 @@ def test_a_writer_notices_its_store_deleted_or_replaced(tiny, tmp_path, how):
         assert _files(path) == replaced  # the new store is untouched
     else:
         assert not path.exists() or not (path / "zarr.json").exists()  # no skeleton of a store
+
+
+def test_repairing_a_damaged_steps_chunk_leaves_a_store_that_continues(store):
+    path, truth = store
+    _flip(path / "steps/c/0")
+    report = repair_run(path, cut=True)
+    assert report.intact == 0 and [p.array for p in report.problems] == ["steps"]
+    assert len(spectra.open_run(path)) == 0 and verify_run(path).ok
+    writer = resume_run(path)  # W_0 survived: recording starts again from it
+    writer.append(0, truth[0])
+    writer.close()
+    np.testing.assert_array_equal(spectra.open_run(path).weights("w", 0), truth[0]["w"])

@@ -249,8 +249,10 @@ def test_schema_1_stores_still_open_and_resume(tmp_path):
     assert run.attrs["schema"] == 2 and run.attrs["upgraded_from"] == 1
 
 
-def test_whole_chunk_writes_are_the_bytes_zarr_writes(tmp_path):
-    """ChunkWriter's sync path and zarr's own setitem write the same key and bytes."""
+@pytest.mark.parametrize("in_place", [False, True])
+def test_whole_chunk_writes_are_the_bytes_zarr_writes(tmp_path, in_place):
+    """ChunkWriter's sync path (through the store, or in place) and zarr's own setitem write
+    the same key and bytes."""
     from spectra.store.chunks import ChunkWriter
     rng = np.random.default_rng(8)
     codecs = (zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"), Crc32cCodec())
@@ -261,7 +263,7 @@ def test_whole_chunk_writes_are_the_bytes_zarr_writes(tmp_path):
                                           compressors=codecs, chunk_key_encoding={
                                               "name": "default", "separator": separator})
                         for name in ("ours", "theirs"))
-        writer = ChunkWriter(ours)
+        writer = ChunkWriter(ours, in_place=in_place)
         assert writer.fast
         for row in range(3):
             writer.write((row, 0, 0), values[row])

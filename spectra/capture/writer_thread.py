@@ -70,7 +70,9 @@ class BackgroundWriter:
                 if self._oldest is not None and time.monotonic() - self._oldest >= COMMIT_EVERY:
                     self.writer.commit()
                     self._oldest = None
-                self.writer.keep_alive()
+                    self.writer.keep_alive()
+                elif item is None:  # idle: the heartbeat, and is the store still there
+                    self.writer.keep_alive()
             except BaseException as exc:  # re-raised in the training thread
                 self._salvage()
                 self.error = exc

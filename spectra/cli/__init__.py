@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 from spectra.cli import analyze, demo, info, theory, train, verify
 
-# errno values that describe the environment (disk, permissions, paths), not a bug
+# OSErrors are the environment's (disk, permissions, paths); these errno values get words
 _ENVIRONMENT = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
                 errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
                 errno.EPERM: "operation not permitted", errno.ENOENT: "no such file or directory",
@@ -27,9 +27,8 @@ _ENVIRONMENT = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quo
                 errno.EIO: "input/output error"}
 # exception types that are the user's or the environment's (ValueError: a bad argument,
 # including spectra's StoreError; KeyError: an unknown name; ImportError: an optional package;
-# the OSErrors about paths)
-_USER = (ValueError, KeyError, ImportError, FileNotFoundError, FileExistsError,
-         NotADirectoryError, IsADirectoryError, PermissionError)
+# any OSError: the disk, permissions, paths)
+_USER = (ValueError, KeyError, ImportError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,8 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 def is_user_error(exc: BaseException) -> bool:
     """True if ``exc`` (or an error it was raised from) is the input's or the environment's
     fault rather than spectra's."""
-    return any(isinstance(e, _USER) or (isinstance(e, OSError) and e.errno in _ENVIRONMENT)
-               for e in _chain(exc))
+    return any(isinstance(e, _USER) for e in _chain(exc))
 
 
 def message(exc: BaseException) -> str:

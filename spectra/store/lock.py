@@ -79,6 +79,7 @@ class StoreLock:
         self.purpose = purpose
         self.record: dict[str, Any] | None = None  # ours, while held
         self._fd: int | None = None
+        self._file: str | None = None  # the local lock file's path
         self._last_beat = 0.0
 
     @property
@@ -86,7 +87,7 @@ class StoreLock:
         return self.record is not None
 
     def __enter__(self) -> StoreLock:
-        return self.acquire()
+        return self if self.held else self.acquire()
 
     def __exit__(self, *exc: object) -> None:
         self.release()
@@ -165,7 +166,7 @@ class StoreLock:
         if self.location.is_local:
             try:
                 return os.stat(self._path()).st_ino == os.fstat(self._fd).st_ino
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 return False
         if self.location.protocol == "memory":
             with _process_guard:
@@ -176,6 +177,7 @@ class StoreLock:
     def moved_to(self, location: PathOrURL | Location) -> None:
         """The directory holding the lock was renamed to ``location`` (local only): follow it."""
         self.location = Location.of(location)
+        self._file = None
 
     # -- the three kinds of location --------------------------------------------------------
 
@@ -250,7 +252,9 @@ class StoreLock:
                            "wait for it to finish, or stop it", holder)
 
     def _path(self) -> str:
-        return str(self.location.local / _key(self.name))
+        if self._file is None:
+            self._file = str(self.location.local / _key(self.name))
+        return self._file
 
     def _key(self) -> str:
         return f"{self.location.url}/{_key(self.name)}"

@@ -11,6 +11,7 @@ array per 1024 snapshots instead of one per snapshot), and cut to the committed 
 
 from __future__ import annotations
 
+import os
 import time as _time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -110,13 +111,15 @@ class RunWriter:
                        chunks.read(root["steps"], slice(0, self.length)))[: self.length]
         self.last_step: int | None = int(self._steps[-1]) if self.length else None
         self._init = {name: self._read_init(name) for name in self.params}
-        self._updates = {name: ChunkWriter(root[f"params/{name}/updates"]) for name in self.params}
+        self._updates = {name: ChunkWriter(root[f"params/{name}/updates"], in_place=True)
+                         for name in self.params}
         self._scalars = root.require_group("scalars")
         self._series = {name: _Series(array, self.length, self._step_of)
                         for name, array in series_arrays(root).items()}
         self._pending: list[_Pending] = []
         self._capacity = min(array.shape[0] for array in self._arrays())
         self._last_check = _time.monotonic()
+        self._root_metadata = str(self.location.local / "zarr.json") if self.location.is_local else ""
         self.closed = False
 
     # -- reading back --------------------------------------------------------------------------
@@ -249,8 +252,9 @@ class RunWriter:
         self._lock.heartbeat()
 
     def cut_back(self, length: int, record_key: str, record: Mapping[str, Any]) -> None:
-        """Uncommit every snapshot from ``length`` on (nothing else is deleted) and append
-        ``record`` to attrs["spectra"][record_key]. Drops the analysis cache, whose rows past
+        """Uncommit every snapshot from ``length`` on (``steps`` is reset to −1 from there to
+        its end, so a damaged ``steps`` chunk past ``length`` goes too; nothing else is deleted)
+        and append ``record`` to attrs["spectra"][record_key]. Drops the analysis cache, whose rows past
         ``length`` would no longer match the store. For rewinds and repairs only."""
         if self._pending:
             raise RuntimeError("cut_back() with uncommitted snapshots")
@@ -261,8 +265,9 @@ class RunWriter:
         history = list(self._meta.get(record_key, []))
         self._meta.update({record_key: history + [dict(record)], "committed": length})
         self._root.attrs["spectra"] = self._meta  # the lower bound first: it stays a lower bound
-        uncommitted = np.full(self.length - length, UNCOMMITTED_STEP, dtype=np.int64)
-        self._series["steps"].put(length, uncommitted, backwards=True)
+        steps = self._series["steps"]  # every entry from ``length`` on, to the array's end
+        uncommitted = np.full(steps.array.shape[0] - length, UNCOMMITTED_STEP, dtype=np.int64)
+        steps.put(length, uncommitted, backwards=True)
         self.length = length
         self._steps = self._steps[:length]
         self.last_step = int(self._steps[-1]) if length else None
@@ -335,7 +340,7 @@ class RunWriter:
         if self.closed:
             raise StoreError(f"{self.location}: this writer is closed")
         if self.location.is_local:
-            intact = (self.location.local / "zarr.json").exists() and self._lock.still_ours()
+            intact = os.path.exists(self._root_metadata) and self._lock.still_ours()
         else:
             intact = self._lock.still_ours() and self.location.child("zarr.json").exists()
         if not intact:
