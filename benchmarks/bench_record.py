@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from spectra.capture.recorder import Recorder
+from spectra.capture.writer_thread import BackgroundWriter
 from spectra.store import MatrixSpec, RunWriter, create_run
 from spectra.tasks.data import CharCorpus, digits, kjv_text
 from spectra.tasks.loops import ClassifierTraining, GPTTraining, train_char_gpt, train_classifier
@@ -106,50 +107,82 @@ def digits_case(epochs: int) -> tuple[Callable[[], torch.nn.Module], Train]:
     return model, train
 
 
+class WriterCPU:
+    """Totals the CPU time of the Recorder's writer thread (time.thread_time inside it)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._original = BackgroundWriter._write_loop
+
+    def __enter__(self):
+        original, timer = self._original, self
+
+        def timed(writer):
+            start = time.thread_time()
+            try:
+                original(writer)
+            finally:
+                timer.seconds += time.thread_time() - start
+        BackgroundWriter._write_loop = timed
+        return self
+
+    def __exit__(self, *exc):
+        BackgroundWriter._write_loop = self._original
+
+
 def time_block(make_model, train: Train, every: int | None, path: Path,
-               seed: int) -> tuple[float, int]:
-    """(seconds of training, snapshots taken), recording with ``every`` or not."""
+               seed: int) -> tuple[float, float, int]:
+    """(seconds of training, CPU seconds of the training thread, snapshots taken), recording
+    with ``every`` or not."""
     torch.manual_seed(seed)
     model = make_model()
     if every is None:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         train(model, None)
-        return time.perf_counter() - start, 0
+        return time.perf_counter() - start, time.thread_time() - cpu, 0
     with Recorder(model, path, every=every) as rec:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         steps = train(model, lambda step, loss: rec.step(loss=loss))
-        elapsed = time.perf_counter() - start
-    return elapsed, steps // every + 1
+        elapsed, cpu = time.perf_counter() - start, time.thread_time() - cpu
+    return elapsed, cpu, steps // every + 1
 
 
 def run_case(name: str, make_model, train: Train, rounds: int, folder: Path) -> None:
     times = {setting: [] for setting in SETTINGS}
+    cpus = {setting: [] for setting in SETTINGS}
     snapshots = {setting: 0 for setting in SETTINGS}
     timers = {setting: WriteTimer() for setting, every in SETTINGS.items() if every}
+    writers = {setting: WriterCPU() for setting, every in SETTINGS.items() if every}
     time_block(make_model, train, None, folder / "warm.zarr", seed=99)  # warm-up
     names = list(SETTINGS)
     for round_ in range(rounds):
         order = names[round_ % 3:] + names[:round_ % 3]  # rotate: no setting always first
         for setting in order:
-            path = folder / f"{name}-{setting.replace('=', '')}-{round_}.zarr"
+            path = folder / f"{name[:6]}-{setting.replace('=', '')}-{round_}.zarr"
             if SETTINGS[setting] is None:
-                seconds, _ = time_block(make_model, train, None, path, round_)
+                seconds, cpu, _ = time_block(make_model, train, None, path, round_)
             else:
-                with timers[setting]:
-                    seconds, snapshots[setting] = time_block(make_model, train, SETTINGS[setting],
-                                                             path, round_)
+                with timers[setting], writers[setting]:
+                    seconds, cpu, snapshots[setting] = time_block(
+                        make_model, train, SETTINGS[setting], path, round_)
             times[setting].append(seconds)
-    base = statistics.median(times["no recording"])
+            cpus[setting].append(cpu)
+    base, base_cpu = statistics.median(times["no recording"]), statistics.median(cpus["no recording"])
     print(f"\n{name}: {rounds} rounds, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("  ms/snapshot: added wall time of training per snapshot; train CPU: added CPU of the "
+          "training thread; writer CPU: the writer thread's CPU (per snapshot)")
     print(f"{'setting':<14}{'seconds':>9}{'ratio':>8}{'snapshots':>11}{'ms/snapshot':>13}"
-          f"{'write MB/s':>12}")
+          f"{'train CPU':>11}{'writer CPU':>12}{'write MB/s':>12}")
     for setting in SETTINGS:
         median = statistics.median(times[setting])
         line = f"{setting:<14}{median:>9.3f}{median / base:>8.3f}"
         if setting in timers:
             count, timer = snapshots[setting], timers[setting]
             per = (median - base) / count * 1e3
-            line += f"{count:>11}{per:>13.2f}{timer.bytes / max(timer.seconds, 1e-9) / 1e6:>12.0f}"
+            train_cpu = (statistics.median(cpus[setting]) - base_cpu) / count * 1e3
+            writer_cpu = writers[setting].seconds / rounds / count * 1e3
+            line += (f"{count:>11}{per:>13.2f}{train_cpu:>11.2f}{writer_cpu:>12.2f}"
+                     f"{timer.bytes / max(timer.seconds, 1e-9) / 1e6:>12.0f}")
         print(line)
 
 

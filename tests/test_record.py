@@ -388,3 +388,19 @@ def test_recording_into_a_url(tiny, tmp_path, scheme):
     np.testing.assert_array_equal(spectra.open_run(url).steps, [0, 2, 4, 6])
     if scheme == "file":
         assert spectra.open_run(tmp_path / "r.zarr").path == tmp_path / "r.zarr"
+
+
+def test_a_failing_start_releases_the_store(tiny, tmp_path):
+    """An optimizer whose hook cannot be registered (as accelerate's wrapper): start() fails,
+    and leaves no writer thread and no held lock behind."""
+    model, _, gen = tiny
+
+    class Unhookable(torch.optim.SGD):
+        def register_step_post_hook(self, hook):
+            raise AttributeError("no _optimizer_step_post_hooks here")
+
+    with pytest.raises(AttributeError, match="no _optimizer_step_post_hooks"):
+        Recorder(model, tmp_path / "r.zarr", optimizer=Unhookable(model.parameters(), lr=0.1)).start()
+    assert not _writer_threads()
+    with Recorder(model, tmp_path / "r.zarr") as rec:  # the store is free again
+        assert rec.global_step == 0

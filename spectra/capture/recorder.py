@@ -85,8 +85,9 @@ class Recorder:
         overwrite: replace an existing run store at ``path`` with a new one (never a path that
             is not a run store).
         config: JSON-serialisable dict kept in attrs["spectra"]["config"].
-        max_pending: snapshots that may wait in the queue before training blocks. Memory: about
-            (max_pending + 3) copies of the recorded weights, float32 (docs/store.md).
+        max_pending: snapshots that may wait in the queue before training blocks. Memory: at
+            most about (max_pending + 4) copies of the recorded weights, float32, while the
+            writer falls behind (measured in docs/store.md).
         update_dtype: "float64" (exact reconstruction, default) or "float32" (half the bytes).
         compressors: zarr codecs for the matrices ("auto": lz4 + bitshuffle, None: raw); a
             crc32c checksum is always added.
@@ -164,10 +165,14 @@ class Recorder:
         self._writer, self.global_step = opened.writer, opened.global_step
         self._last_snapshot = opened.last_snapshot
         self._background = BackgroundWriter(self._writer, self.max_pending)
-        if self.optimizer is not None:
-            self._hook = self.optimizer.register_step_post_hook(lambda *_: self._advance({}))
-        if opened.snapshot_now:
-            self._capture({})
+        try:
+            if self.optimizer is not None:
+                self._hook = self.optimizer.register_step_post_hook(lambda *_: self._advance({}))
+            if opened.snapshot_now:
+                self._capture({})
+        except BaseException:
+            self.close(raise_errors=False)  # no thread, hook or held lock left behind
+            raise
         return self
 
     def close(self, raise_errors: bool = True) -> None:
