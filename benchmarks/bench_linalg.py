@@ -11,9 +11,8 @@ per matrix and the ratio to scipy gesdd values-only at 1 thread of the same shap
 ``auto``'s rule in spectra/core/linalg.py is built on. Top-k is timed on two spectra: Gaussian
 entries (a flat Marchenko–Pastur bulk, the randomized method's worst case: it gives up and
 falls back) and a power law σ_i = 1/i (typical of trained weights and their updates). gesvd
-with vectors is only timed where min(m, n) ≤ 128: it took 1.4 s per 512×512 matrix. Two
-threads on a 2-core machine that another process keeps busy ran 10–300× *slower* than one
-(OpenBLAS and OpenMP workers spin waiting for a descheduled partner), so the default is one.
+with vectors is only timed where min(m, n) ≤ 128 (it is slow). The default is one thread: on a
+busy 2-core machine two were many times slower. Figures: docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
     import spectra
     with spectra.Recorder(model, "runs/my-run.zarr", every=10) as rec: ...
+    spectra.import_checkpoints("out/", "runs/from-checkpoints.zarr")   # checkpoints you have
     run = spectra.open_run("runs/my-run.zarr")
     frame = spectra.analyze("runs/my-run.zarr", k=8)
 
@@ -19,11 +20,12 @@ import warnings
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["Recorder", "analyze", "open_run"]
+__all__ = ["Recorder", "analyze", "import_checkpoints", "open_run"]
 
 _EXPORTS = {
     "Recorder": "spectra.capture.recorder",
     "analyze": "spectra.analysis.analyzer",
+    "import_checkpoints": "spectra.capture.checkpoints",
     "open_run": "spectra.store.reader",
 }
 

@@ -1,5 +1,7 @@
 import pytest
 import torch
+
+from spectra.core.threads import torch_threads
 from torch import nn
 
 
@@ -42,3 +44,23 @@ def tiny():
     torch.manual_seed(0)
     model = TinyNet()
     return model, torch.optim.SGD(model.parameters(), lr=0.1), torch.Generator().manual_seed(0)
+
+
+def analyze_with_defaults(path):
+    """spectra.analyze() with its defaults on the store at ``path`` (k clamped per matrix by
+    analyze itself); checks every recorded matrix is in the frame, with k ≤ its smaller side,
+    and returns the frame."""
+    import spectra
+
+    run = spectra.open_run(path)
+    frame = spectra.analyze(path, quiet=True)
+    assert set(frame["param"].unique()) == set(run.params)
+    assert all(frame.attrs["k"][p] <= min(run.shape(p)) for p in run.params)
+    return frame
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: two threads on a busy 2-core machine made such tests 40× slower."""
+    with torch_threads(1):
+        yield

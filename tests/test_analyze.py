@@ -7,7 +7,7 @@ import scipy.linalg
 import torch
 
 import spectra
-import spectra.analysis.analyzer as analyze_module
+import spectra.analysis.extend as extend_module
 from conftest import TinyNet, train_steps
 from spectra.analysis.analyzer import analyze, singular_values
 from spectra.store import MatrixSpec, create_run
@@ -137,13 +137,13 @@ def test_conv_linear_embedding_store_against_scipy(tiny, tmp_path):
 class CountingSVD:
     def __init__(self, monkeypatch):
         self.matrices = 0
-        original = analyze_module.batched_svd
+        original = extend_module.series_svd
 
-        def counted(a, **kwargs):
+        def counted(a, *args, **kwargs):
             self.matrices += len(a)
-            return original(a, **kwargs)
+            return original(a, *args, **kwargs)
 
-        monkeypatch.setattr(analyze_module, "batched_svd", counted)
+        monkeypatch.setattr(extend_module, "series_svd", counted)
 
 
 def test_second_call_reuses_the_cache_and_picks_up_new_snapshots(known_store, monkeypatch):
@@ -217,13 +217,91 @@ def test_values_only_analysis_has_no_subspace_rows(known_store):
 
 
 def test_bad_arguments(known_store):
-    with pytest.raises(ValueError, match=r"k=31; must be an int in \[0, 30\]"):
-        analyze(known_store, k=31, quiet=True)
-    with pytest.raises(ValueError, match="targets="):
-        analyze(known_store, targets=["gradients"], quiet=True)
-    with pytest.raises(ValueError, match="tau=1.5"):
-        analyze(known_store, tau=1.5, quiet=True)
+    for kwargs, match in [(dict(k=-1), "k=-1; must be an int >= 0"),
+                          (dict(k=2.5), "k=2.5; must be an int"),
+                          (dict(targets=["gradients"]), "targets="),
+                          (dict(tau=1.5), "tau=1.5"),
+                          (dict(device="gpu"), "device must be 'cpu' or 'cuda', got 'gpu'"),
+                          (dict(client=object()), "expected a dask.distributed.Client")]:
+        with pytest.raises(ValueError, match=match):
+            analyze(known_store, quiet=True, **kwargs)
     with pytest.raises(KeyError, match="no recorded matrix 'v'"):
         analyze(known_store, params=["v"], quiet=True)
     with pytest.raises(KeyError, match="run analyze"):
         singular_values(known_store, "w", k=5)
+
+
+def test_a_single_name_is_one_target_or_one_matrix(tmp_path):
+    path = tmp_path / "seq.zarr"
+    writer = create_run(path, [MatrixSpec(n, (4, 3), (4, 3), "linear") for n in ("0.weight", "2.weight")],
+                        {n: np.eye(4, 3, dtype=np.float32) for n in ("0.weight", "2.weight")})
+    writer.append(0, {n: np.eye(4, 3, dtype=np.float32) for n in ("0.weight", "2.weight")})
+    frame = analyze(path, targets="updates", params="2.weight", quiet=True)
+    assert set(frame.target) == {"updates"} and set(frame.param) == {"2.weight"}
+
+
+def test_a_store_without_snapshots_gives_an_empty_frame(tmp_path):
+    path = tmp_path / "empty.zarr"
+    create_run(path, [MatrixSpec("w", (4, 3), (4, 3), "linear")], {"w": np.ones((4, 3), np.float32)})
+    frame = analyze(path, quiet=True)
+    assert frame.empty and list(frame.columns) == ["step", "param", "target", "metric", "value"]
+
+
+ODD = {"head": (2, 16), "token": (1, 16), "column": (16, 1), "scalar": (1, 1), "lora_a": (4, 24),
+       "big": (20, 12)}
+
+
+@pytest.fixture
+def odd_store(tmp_path):
+    """Matrices smaller than the default k in every direction, beside an ordinary one."""
+    rng = np.random.default_rng(3)
+    path = tmp_path / "odd.zarr"
+    weights = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in ODD.items()}
+    writer = create_run(path, [MatrixSpec(n, s, s, "linear") for n, s in ODD.items()], weights)
+    for step in range(4):
+        weights = {n: (w + 0.3 * rng.standard_normal(w.shape)).astype(np.float32)
+                   for n, w in weights.items()}
+        writer.append(step, weights)
+    return path
+
+
+def test_k_is_clamped_per_matrix_and_odd_matrices_never_fail_the_store(odd_store):
+    frame = analyze(odd_store, quiet=True)  # default k = 8
+    assert frame.attrs["k"] == {"head": 2, "token": 1, "column": 1, "scalar": 1, "lora_a": 4,
+                                "big": 8}
+    run = spectra.open_run(odd_store)
+    for name in ODD:
+        for t, step in enumerate(run.steps):
+            s = scipy.linalg.svdvals(run.weights(name, t).astype(np.float64))
+            got = frame[(frame.param == name) & (frame.target == "weights") & (frame.step == step)]
+            got = got.set_index("metric")["value"]
+            np.testing.assert_allclose(got["nuclear_norm"], s.sum(), rtol=1e-9)
+            assert f"sigma_{len(s) + 1}" not in got
+        # with k = min(m, n) the top-k bases are the full bases: both stabilities agree
+        if frame.attrs["k"][name] == min(ODD[name]):
+            np.testing.assert_allclose(_values(frame, "topk_stability_prev", "weights", name)[1:],
+                                       _values(frame, "oialr_stability_prev", "weights", name)[1:],
+                                       rtol=0, atol=1e-12)
+    one = analyze(odd_store, params=["big"], k=12, quiet=True)  # only "big" is validated
+    assert one.attrs["k"] == {"big": 12}
+
+
+def test_numerical_rank_uses_the_parameters_dtype(tmp_path):
+    """A rank-4 matrix rounded to bfloat16: rank 4 at bf16's eps, not 61 at float32's."""
+    rng = np.random.default_rng(5)
+    def rank_4():
+        u, v = (np.linalg.qr(rng.standard_normal((d, 4)))[0] for d in (64, 48))
+        return (u * [1.0, 0.9, 0.8, 0.7]) @ v.T
+
+    low_rank = [rank_4() for _ in range(3)]
+    bf16 = [torch.tensor(w).to(torch.bfloat16).float().numpy() for w in low_rank]
+    path = tmp_path / "bf16.zarr"
+    writer = create_run(path, [MatrixSpec("w", (64, 48), (64, 48), "linear", dtype="bfloat16")],
+                        {"w": bf16[0]})
+    for step, w in enumerate(bf16[1:]):
+        writer.append(step, {"w": w})
+    frame = analyze(path, k=0, quiet=True)
+    np.testing.assert_array_equal(_values(frame, "numerical_rank", "weights"), [4, 4])
+    s = scipy.linalg.svdvals(bf16[1].astype(np.float64))
+    float32_rank = (s > 64 * np.finfo(np.float32).eps * s[0]).sum()
+    assert float32_rank > 40  # what float32's eps would have said: the test can fail

@@ -1,4 +1,5 @@
 import errno
+import inspect
 import os
 import subprocess
 import sys
@@ -39,19 +40,27 @@ def test_info_on_a_bad_path_is_a_clear_error(tmp_path):
 def test_analyze_writes_the_frame_and_plot_compares_runs(tmp_path, capsys):
     from spectra.tasks.runs import mlp_run
     from spectra.tasks.loops import ClassifierTraining
-    for seed in (0, 1):
-        mlp_run("full", tmp_path / f"s{seed}.zarr", quiet=True,
+    for seed, folder in ((0, "a"), (1, "b")):  # same file name, different folders
+        mlp_run("full", tmp_path / folder / "run.zarr", quiet=True,
                 training=ClassifierTraining(epochs=1, seed=seed), every=20)
-    assert main(["analyze", str(tmp_path / "s0.zarr"), "-o", str(tmp_path / "f.csv"), "--quiet"]) == 0
+    assert main(["analyze", str(tmp_path / "a" / "run.zarr"), "-o", str(tmp_path / "f.csv"),
+                 "--quiet"]) == 0
     out = capsys.readouterr().out
     frame = pandas.read_csv(tmp_path / "f.csv")
     assert list(frame.columns) == ["step", "param", "target", "metric", "value"]
     assert "layers.0.weight" in out and "erank ΔW" in out
-    assert main(["plot", str(tmp_path / "s0.zarr"), str(tmp_path / "s1.zarr"), "-o",
-                 str(tmp_path / "fig"), "--k", "0", "--quiet"]) == 0
+    assert main(["analyze", str(tmp_path / "a" / "run.zarr"), "-o", str(tmp_path / "f.parquet"),
+                 "--quiet"]) == 0  # pyarrow comes with spectra
+    parquet = pandas.read_parquet(tmp_path / "f.parquet")
+    pandas.testing.assert_frame_equal(parquet.astype({"param": str, "target": str, "metric": str}),
+                                      frame, check_dtype=False)
+    assert main(["plot", str(tmp_path / "a" / "run.zarr"), str(tmp_path / "b" / "run.zarr"),
+                 "-o", str(tmp_path / "fig"), "--k", "0", "--quiet"]) == 0
     names = sorted(p.name for p in (tmp_path / "fig").iterdir())
-    assert "compare-effective_rank-updates.png" in names and "s1-ranks.png" in names
-    assert main(["analyze", str(tmp_path / "s0.zarr"), "-o", str(tmp_path / "f.txt")]) == 2
+    assert names == ["a-run-ranks.png", "a-run-singular-values.png", "b-run-ranks.png",
+                     "b-run-singular-values.png", "compare-effective_rank-updates.png",
+                     "compare-effective_rank-weights.png"]
+    assert main(["analyze", str(tmp_path / "a" / "run.zarr"), "-o", str(tmp_path / "f.txt")]) == 2
 
 
 @pytest.fixture
@@ -138,3 +147,83 @@ def test_an_internal_error_is_status_1_with_the_traceback_behind_debug(small_sto
     assert "Traceback" in capsys.readouterr().err
     assert main(["--debug", "verify", str(small_store)]) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_train_help_shows_defaults_and_every_methods_options_from_its_factory(capsys):
+    from spectra.methods.inrank.controller import to_inrank
+    from spectra.methods.oialr.controller import OIALR
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # undo the line wrapping
+    assert "--steps STEPS optimizer steps (gpt) (default: 1500)" in out
+    assert "--threads N" in out and "(default: 1)" in out
+    methods = out.split("methods and their options (-O")[1]
+    assert "full: none" in methods
+    for name, default in inspect.signature(to_inrank).parameters.items():
+        if name not in ("model", "layers"):  # the factory's own `layers` is listed first
+            assert f"{name}={default.default!r}" in methods.split("inrank:")[1].split("inrank-")[0]
+    for name in ("beta", "keep_first", "keep_last", "min_rank_fraction"):
+        default = inspect.signature(OIALR).parameters[name].default
+        assert f"{name}={default!r}" in methods.split("oialr:")[1]
+
+
+def test_defaults_in_help_are_the_ones_used():
+    from spectra.cli import _parser
+    from spectra.methods.theory.suite import SWEEP_ALPHAS
+    theory = _parser().parse_args(["theory"])
+    assert [float(a) for a in theory.alphas.split(",")] == list(SWEEP_ALPHAS)
+    assert theory.threads == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--method", "nope"], "method='nope'; accepted: ['fixed-rank', 'full'"),
+    (["train", "--method", "inrank", "--task", "mlp", "-O", "buffr=8"],
+     "unknown InRank option(s) ['buffr']; accepted: ['alpha', 'buffer'"),
+    (["train", "-O", "buffer"], "option 'buffer': expected KEY=VALUE"),
+])
+def test_train_mistakes_are_one_line_errors(tmp_path, capsys, argv, message):
+    assert main(argv + ["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+def test_bad_thread_counts_are_refused_by_the_parser(capsys):
+    for command in ("demo", "train", "theory"):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--threads", "0"])
+        assert exit_.value.code == 2
+        assert "--threads: '0': expected a whole number >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_replaces_a_store_only_with_overwrite(tmp_path, capsys):
+    argv = ["train", "--task", "mlp", "--epochs", "1", "--out", str(tmp_path), "--quiet"]
+    assert main(argv) == 0
+    store = tmp_path / "mlp-full-s0.zarr"
+    first = spectra.open_run(store).attrs["created"]
+    assert main(argv) == 2
+    assert "exists; pass --overwrite to replace it" in capsys.readouterr().err
+    assert main(argv + ["--overwrite"]) == 0
+    assert spectra.open_run(store).attrs["created"] != first
+    assert "test accuracy 0.9" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("device, message", [
+    ("gpu", "device must be 'cpu' or 'cuda', got 'gpu'"),
+    ("cuda:0", "device='cuda' but torch.cuda.is_available() is False"),
+])
+def test_a_bad_device_is_a_one_line_error(tmp_path, capsys, tiny, device, message):
+    import torch
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    from conftest import train_steps
+    model, optimizer, generator = tiny
+    with spectra.Recorder(model, tmp_path / "run.zarr") as rec:
+        train_steps(model, optimizer, 2, generator, on_step=lambda k, loss: rec.step())
+    for command in (["analyze", str(tmp_path / "run.zarr")],
+                    ["plot", str(tmp_path / "run.zarr"), "-o", str(tmp_path / "fig")]):
+        assert main(command + ["--device", device, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from spectra.methods import build_method
-from spectra.methods.optim_state import ColumnMap, remap_state
-from spectra.methods.inrank.controller import InRankController, next_rank, select_linears, to_inrank
+from spectra.methods.optim_state import StateMap, remap_state
+from spectra.methods.inrank.controller import InRankController, grow_rank, select_linears, to_inrank
 from spectra.methods.inrank.layers import InRankEfficientLinear, InRankLinear
 from spectra.tasks.models import GPT, GPTConfig
 
@@ -52,7 +52,7 @@ class Block(nn.Module):
 
 # -- the rule ------------------------------------------------------------------------------------
 
-def test_next_rank_matches_an_independent_numpy_computation_of_the_explained_ratio():
+def test_grow_rank_matches_an_independent_numpy_computation_of_the_explained_ratio():
     rng = np.random.default_rng(0)
     for trial in range(200):
         n = int(rng.integers(4, 40))
@@ -62,15 +62,15 @@ def test_next_rank_matches_an_independent_numpy_computation_of_the_explained_rat
         rank, buffer = int(rng.integers(1, n // 2 + 1)), int(rng.integers(0, 6))
         alpha = float(rng.uniform(0.5, 0.99))
         expected = max(rank, min(official_window(s, rank, buffer, alpha, n), n))
-        assert next_rank(s, rank=rank, buffer=buffer, alpha=alpha, max_rank=n) == expected
+        assert grow_rank(s, rank=rank, buffer=buffer, alpha=alpha, max_rank=n) == expected
 
 
-def test_next_rank_keeps_the_rank_for_buffer_zero_and_for_a_zero_product():
+def test_grow_rank_keeps_the_rank_for_buffer_zero_and_for_a_zero_product():
     s = np.array([3.0, 2.0, 1.0, 1.0, 0.0])
-    assert next_rank(s, rank=1, buffer=0, alpha=0.9, max_rank=5) == 1
-    assert next_rank(np.zeros(5), rank=1, buffer=2, alpha=0.9, max_rank=5) == 1
+    assert grow_rank(s, rank=1, buffer=0, alpha=0.9, max_rank=5) == 1
+    assert grow_rank(np.zeros(5), rank=1, buffer=2, alpha=0.9, max_rank=5) == 1
     # with buffer 1 it can still grow (the official window [r, r + b − 1] is empty there)
-    assert next_rank(s, rank=1, buffer=1, alpha=0.9, max_rank=5) == 2
+    assert grow_rank(s, rank=1, buffer=1, alpha=0.9, max_rank=5) == 2
 
 
 def test_controller_decision_equals_numpy_svd_plus_numpy_ratio():
@@ -151,7 +151,7 @@ def test_truncate_keeps_the_best_rank_r_approximation_and_drops_the_buffer():
         layer.u.normal_()
     product = layer.weight.detach().double().numpy()
     u, s, vh = np.linalg.svd(product)
-    layer.truncate()
+    layer.truncate(layer.rank)
     assert (layer.rank, layer.buffer, layer.active_rank) == (3, 0, 3)
     np.testing.assert_allclose(layer.weight.detach().double().numpy(),
                                (u[:, :3] * s[:3]) @ vh[:3], atol=1e-5)
@@ -200,7 +200,7 @@ def test_teacher_of_rank_5_grows_the_rank_to_5_and_stops():
     ranks = []
     for step in range(1, 401):
         loss = adam_step(model, optimizer, x, x @ teacher.T)
-        ranks.append(controller.step(step)["rank.0"])
+        ranks.append(controller(step)["rank.0"])
     steps_up = np.diff([1.0] + ranks)
     assert ranks[0] == 1 and steps_up.min() >= 0 and steps_up.max() <= 2  # by at most the buffer
     assert len(set(ranks[:60])) >= 3  # it grew incrementally (1 → 3 → 4 here) ...
@@ -220,9 +220,9 @@ def test_evaluation_forwards_do_not_advance_the_schedule():
             layer(torch.randn(3, 10))
     assert layer.rank == 1
     for step in range(1, 5):
-        controller.step(step)
+        controller(step)
     assert layer.rank == 1
-    controller.step(5)
+    controller(5)
     assert layer.rank == 3
 
 
@@ -234,7 +234,7 @@ def test_buffer_zero_trains_at_a_fixed_rank():
     x = torch.randn(32, 12)
     for step in range(1, 21):
         adam_step(model, optimizer, x, torch.zeros(32, 12))
-        scalars = controller.step(step)
+        scalars = controller(step)
     assert all(layer.active_rank == 3 for layer in controller.layers.values())
     assert scalars["rank.mlp.0"] == 3 and scalars["rank_fraction"] == pytest.approx(6 / 24)
 
@@ -272,7 +272,7 @@ def test_truncation_rotates_the_first_moment_instead_of_slicing_it():
     (layer.weight * g).sum().backward()  # ∂L/∂W = g
     optimizer.step()
     old_u_moment = optimizer.state[layer.u]["exp_avg"].clone()
-    remap_state(optimizer, layer.truncate())
+    remap_state(optimizer, layer.truncate(layer.rank))
     beta1 = 0.9
     # the first moment is (1 − β1)·gradient, in the new coordinates: g V' and gᵀ U'
     torch.testing.assert_close(optimizer.state[layer.u]["exp_avg"],
@@ -293,7 +293,7 @@ def test_truncation_of_factors_already_in_svd_form_slices_the_second_moment_exac
     (layer.weight * torch.randn(5, 6)).sum().backward()
     optimizer.step()
     before = optimizer.state[layer.u]["exp_avg_sq"].clone()
-    remap_state(optimizer, layer.truncate())
+    remap_state(optimizer, layer.truncate(layer.rank))
     torch.testing.assert_close(optimizer.state[layer.u]["exp_avg_sq"], before[:, :2])
 
 
@@ -302,7 +302,7 @@ def test_unknown_optimizer_state_is_an_error_not_a_guess():
     optimizer = torch.optim.Adam([p])
     optimizer.state[p] = {"mystery": torch.zeros(3, 2)}
     with pytest.raises(ValueError, match="mystery"):
-        remap_state(optimizer, [ColumnMap(p, torch.eye(2))])
+        remap_state(optimizer, [StateMap(p, right=torch.eye(2))])
 
 
 # -- conversion and methods ------------------------------------------------------------------------
@@ -330,6 +330,18 @@ def test_bad_arguments_are_clear_errors_and_leave_the_model_alone(kwargs, messag
     assert all(type(m) is not InRankLinear for m in model.modules())
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"bufer": 4}, r"unknown InRank option\(s\) \['bufer'\]"),
+    ({"preset": "paper"}, "preset='paper'"), ({"window": "wide"}, "window='wide'"),
+    ({"count": "epochs"}, "count='epochs'"), ({"max_rank": "third"}, "max_rank='third'"),
+    ({"buffer": "many"}, "buffer='many'"), ({"moments": "reset"}, "moments='reset'"),
+])
+def test_bad_method_options_are_clear_errors(options, message):
+    with pytest.raises(ValueError, match=message):
+        build_method("inrank", Block(), lr=1e-3, weight_decay=0.0, total_steps=10,
+                     layers="mlp.*", **options)
+
+
 def test_select_linears_lists_the_available_layers_in_its_error():
     with pytest.raises(ValueError, match=r"\['attn', 'mlp.0', 'mlp.2'\]"):
         select_linears(Block(), "nothing")
@@ -352,7 +364,7 @@ def test_methods_train_and_report_ranks(method, options):
     assert set(scalars) == {"rank.mlp.0", "rank.mlp.2", "rank_fraction", "trainable_params"}
     assert scalars["trainable_params"] == sum(p.numel() for p in model.parameters())
     factor_group = built.optimizer.param_groups[-1]
-    assert factor_group["lr_scale"] == options.get("lr_scale", 1.0)
+    assert factor_group["lr_scale"] == options.get("lr_scale", 4.0)  # ours: the factors at 4×
     if method == "inrank-efficient":
         assert all(m.buffer == 0 for m in model.modules() if isinstance(m, InRankEfficientLinear))
 

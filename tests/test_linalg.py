@@ -277,8 +277,8 @@ def test_torch_in_torch_out_any_float_dtype():
 )
 def test_torch_kernels_that_cuda_runs_agree_with_scipy(monkeypatch, compute, method, k):
     # On CUDA the kernels work on torch tensors; run those same code paths on CPU tensors.
-    load = linalg._load
-    monkeypatch.setattr(linalg, "_load", lambda *args: torch.as_tensor(load(*args)))
+    load = linalg.load_tall
+    monkeypatch.setattr(linalg, "load_tall", lambda *args: torch.as_tensor(load(*args)))
     a = with_spectrum(SEPARATED, 50, 30, batch=3, dtype=np.float32)
     result = batched_svd(a, compute=compute, method=method, k=k)
     assert_matches_reference(result, a, k=k, s_tol=1e-6, vec_tol=1e-6 if k else 1e-8)

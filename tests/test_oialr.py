@@ -12,7 +12,7 @@ from spectra.methods.oialr.controller import (
     OIALR,
     FixedDelay,
     convert_layers,
-    next_rank,
+    cut_rank,
     oialr_candidates,
 )
 from spectra.methods.oialr.layers import SVDConv2d, SVDLinear, to_svd_layer
@@ -20,13 +20,7 @@ from spectra.methods.oialr.trigger import StabilityTrigger
 from spectra.core.metrics import oialr_stability
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: two threads on a busy 2-core machine made these tests 40× slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp(*sizes, seed=0):
@@ -119,13 +113,13 @@ def test_after_a_cut_u_and_v_stay_orthonormal_and_w_is_its_best_rank_k_part():
     np.testing.assert_allclose(layer.weight.detach().double().numpy(), best, atol=1e-5)
 
 
-def test_next_rank_rule():
+def test_cut_rank_rule():
     s = torch.tensor([10.0, 5.0, 3.0, 1.9, 1.0, 0.5, 0.1, 0.05])
-    assert next_rank(s, 8, beta=0.2, min_rank=1) == 4      # σ ≥ 2: 4 of them, = ⌊8/2⌋
-    assert next_rank(s, 8, beta=0.5, min_rank=1) == 4      # 2 pass, but at most half cut
-    assert next_rank(s, 8, beta=0.005, min_rank=1) == 8    # all pass: no cut
-    assert next_rank(s, 8, beta=0.5, min_rank=6) == 6      # never below the minimum rank
-    assert next_rank(s[:3], 3, beta=0.9, min_rank=1) == 1  # ⌊3/2⌋ = 1
+    assert cut_rank(s, 8, beta=0.2, min_rank=1) == 4      # σ ≥ 2: 4 of them, = ⌊8/2⌋
+    assert cut_rank(s, 8, beta=0.5, min_rank=1) == 4      # 2 pass, but at most half cut
+    assert cut_rank(s, 8, beta=0.005, min_rank=1) == 8    # all pass: no cut
+    assert cut_rank(s, 8, beta=0.5, min_rank=6) == 6      # never below the minimum rank
+    assert cut_rank(s[:3], 3, beta=0.9, min_rank=1) == 1  # ⌊3/2⌋ = 1
 
 
 # -- the controller ----------------------------------------------------------------------------
@@ -134,8 +128,12 @@ def test_candidates_follow_eligibility_and_first_last_rules():
     model = nn.Sequential(nn.Linear(8, 64), nn.Linear(64, 64), nn.Linear(64, 5),  # 5 < 64/10
                           nn.Linear(5, 60), nn.Linear(32, 32), nn.Embedding(10, 32),
                           nn.LayerNorm(32), nn.Linear(32, 16))
-    assert oialr_candidates(model) == ["1", "4"]
+    assert oialr_candidates(model) == ["0", "1", "4"]  # keep_last: the model's last Linear
+    assert oialr_candidates(model, keep_first=True) == ["1", "4"]
     assert oialr_candidates(model, keep_first=False, keep_last=False) == ["0", "1", "4", "7"]
+    # the official code keeps the first / last *eligible* layer instead
+    assert oialr_candidates(model, keep_first=True, keep_among="eligible") == ["1", "4"]
+    assert oialr_candidates(model, keep_among="eligible") == ["0", "1", "4"]
 
 
 def test_conversion_in_the_controller_is_in_place_and_keeps_the_function():
@@ -319,43 +317,67 @@ def test_recorder_keeps_recording_a_layer_through_its_conversion(tmp_path):
 
 def test_stability_trigger_fires_once_a_layer_stops_moving():
     torch.manual_seed(0)
-    layer = nn.Linear(40, 30)
-    trigger = StabilityTrigger(every=2, k=4, threshold=1e-3, window=2)
+    model = nn.Sequential(nn.Linear(40, 30))
+    trigger = StabilityTrigger(every=2, k=4, ratio=1e-3, window=2)
+    trigger.watch(model, ["0"])
     history = {}
     for step in range(0, 21):
         with torch.no_grad():
             scale = 1.0 if step < 10 else 1e-5  # big random steps, then tiny ones
-            layer.weight.add_(scale * torch.randn(30, 40))
-        if trigger.ready(step, "fc", layer):
+            model[0].weight.add_(scale * torch.randn(30, 40))
+        scalars = trigger(step)
+        if trigger.ready:
             history["fired"] = step
             break
-        history[step] = trigger.scalars().get("stability.fc")
+        history[step] = scalars.get("stability.0")
     # checks at 10, 12 compare a moved weight with a settled one; 12 and 14 pass: fires at 14
-    assert history["fired"] == 14
+    assert history["fired"] == 14 and trigger.ready == ["0"]
     assert history[8] < 0.9 and history[12] > 1 - 1e-3
-    assert trigger.scalars() == {}  # no longer reported once converted
+    assert scalars == {} and trigger.watched == []  # no longer watched once converted
+
+
+def test_stability_trigger_is_scale_free_a_slower_layer_converts_at_the_same_point():
+    """Two layers on the same schedule of motion, one 50× slower: each is read against its own
+    peak, so both convert at the same check (an absolute bound would separate them)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 30), nn.Linear(30, 40))
+    trigger = StabilityTrigger(every=2, k=4, ratio=1e-2, window=2)
+    trigger.watch(model, ["0", "1"])
+    fired, early = {}, {}
+    for step in range(0, 41):
+        with torch.no_grad():
+            phase = 1.0 if step < 20 else 1e-3
+            model[0].weight.add_(phase * 0.5 * torch.randn(30, 40))
+            model[1].weight.add_(phase * 0.01 * torch.randn(40, 30))
+        scalars = trigger(step)
+        if step == 10:
+            early = {p: 1 - scalars[f"stability.{p}"] for p in ("0", "1")}
+        fired.update({path: step for path in trigger.ready})
+    assert early["1"] < 0.2 * early["0"]  # the slow layer moves far less in absolute terms
+    assert fired == {"0": 24, "1": 24}  # checks 22 and 24 are the first two of the slow phase
 
 
 def test_stability_trigger_measures_spectras_top_k_stability():
     torch.manual_seed(0)
     a, b = torch.randn(30, 40), torch.randn(30, 40)
-    layer = nn.Linear(40, 30)
+    model = nn.Sequential(nn.Linear(40, 30))
     trigger = StabilityTrigger(every=1, k=5)
+    trigger.watch(model, ["0"])
     for step, w in enumerate((a, a + 0.1 * b)):
         with torch.no_grad():
-            layer.weight.copy_(w)
-        trigger.ready(step, "fc", layer)
+            model[0].weight.copy_(w)
+        scalars = trigger(step)
     ua, _, vha = np.linalg.svd(a.double().numpy())
     ub, _, vhb = np.linalg.svd((a + 0.1 * b).float().double().numpy())
     expected = oialr_stability(ua[:, :5], vha[:5], ub[:, :5], vhb[:5])
-    assert trigger.scalars()["stability.fc"] == pytest.approx(float(expected), abs=1e-5)
+    assert scalars["stability.0"] == pytest.approx(float(expected), abs=1e-5)
 
 
 def test_stability_method_converts_layers_without_a_delay():
     model = mlp(10, 32, 32, 3)
     x, y = torch.randn(64, 10), torch.randn(64, 3)
     method = build_method("oialr-stability", model, lr=1e-2, weight_decay=0.0, total_steps=300,
-                          check_every=10, threshold=1e-2, window=2, keep_first=False)
+                          check_every=10, ratio=1e-2, window=2)
     converted, reported = {}, set()
 
     def after_step(step):
@@ -380,7 +402,7 @@ def test_bad_arguments_give_clear_errors():
     cases = [
         (dict(beta=0.0), "beta=0.0"), (dict(beta=1.0), "beta=1.0"),
         (dict(frequency=0), "frequency=0"), (dict(min_rank_fraction=2.0), "min_rank_fraction"),
-        (dict(moments="slice"), "accepted: ('transform', 'reset')"),
+        (dict(moments="slice"), "accepted: ('transform', 'official', 'reset')"),
         (dict(keep_first="no"), "keep_first='no'; must be True or False"),
     ]
     for kwargs, message in cases:
@@ -390,11 +412,18 @@ def test_bad_arguments_give_clear_errors():
         FixedDelay(-1)
     with pytest.raises(ValueError, match="no layer OIALR can factorise"):
         OIALR(nn.Sequential(nn.Linear(100, 5)), optimizer, FixedDelay(1))
+    with pytest.raises(ValueError, match="keep_among='first'"):
+        OIALR(model, optimizer, FixedDelay(1), keep_among="first")
+    with pytest.raises(ValueError, match="count='epochs'"):
+        OIALR(model, optimizer, FixedDelay(1), count="epochs")
+    with pytest.raises(ValueError, match="preset='paper'"):
+        build_method("oialr", mlp(10, 32, 32, 3), lr=1e-3, weight_decay=0.0, total_steps=30,
+                     preset="paper")
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['bta'\]; accepted: .*'beta'"):
         build_method("oialr", mlp(10, 32, 32, 3), lr=1e-3, weight_decay=0.0, total_steps=30,
                      bta=0.2)
-    with pytest.raises(ValueError, match="threshold=1.5"):
-        StabilityTrigger(10, threshold=1.5)
+    with pytest.raises(ValueError, match="ratio=1.5"):
+        StabilityTrigger(10, ratio=1.5)
     with pytest.raises(ValueError, match="window=0"):
         StabilityTrigger(10, window=0)
     with pytest.raises(TypeError, match="accepted: nn.Linear, nn.Conv2d"):
@@ -403,7 +432,7 @@ def test_bad_arguments_give_clear_errors():
         to_svd_layer(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"))
     with pytest.raises(ValueError, match=r"rank=0; must be in \[1, 10\]"):
         to_svd_layer(nn.Linear(10, 12)).truncate(0)
-    with pytest.raises(ValueError, match="does not train the weight"):
+    with pytest.raises(ValueError, match="does not train the parameter being replaced"):
         frozen = mlp(10, 32, 32, 3)
         OIALR(frozen, torch.optim.Adam(frozen[4].parameters()), FixedDelay(0), keep_first=False)
 

@@ -132,12 +132,13 @@ def test_resume_from_an_older_checkpoint_needs_start_step_and_rewind(tiny, tmp_p
 
 
 def test_resume_checks_every_matrix_not_just_the_first(tiny, tmp_path):
-    """A stale checkpoint whose first matrix is frozen (so equal to the last snapshot's)."""
+    """A stale checkpoint whose first matrix is frozen (so equal to the last snapshot's;
+    recorded with trainable_only=False)."""
     model, opt, gen = tiny
     model.conv.weight.requires_grad_(False)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     stale = {}
-    with Recorder(model, tmp_path / "r.zarr", every=2) as rec:
+    with Recorder(model, tmp_path / "r.zarr", every=2, trainable_only=False) as rec:
         def on_step(k, loss):
             rec.step()
             if k == 1:
@@ -147,7 +148,7 @@ def test_resume_checks_every_matrix_not_just_the_first(tiny, tmp_path):
     assert spectra.open_run(tmp_path / "r.zarr").params[0] == "conv.weight"
     with pytest.raises(StoreError, match=r"differs from the store's last snapshot \(step 4\) in "
                        r"\['fc1.weight', 'fc2.weight'\] and matches none of its 3 snapshots"):
-        Recorder(model, tmp_path / "r.zarr", every=2).start()
+        Recorder(model, tmp_path / "r.zarr", every=2, trainable_only=False).start()
 
 
 def test_resume_tells_a_new_run_from_an_older_checkpoint(tiny, tmp_path):
@@ -404,3 +405,34 @@ def test_a_failing_start_releases_the_store(tiny, tmp_path):
     assert not _writer_threads()
     with Recorder(model, tmp_path / "r.zarr") as rec:  # the store is free again
         assert rec.global_step == 0
+
+
+def test_a_failed_start_leaves_no_thread_hook_or_half_made_store(tiny, tmp_path, monkeypatch):
+    model, opt, _ = tiny
+
+    def broken_capture(self, scalars, collected=None):
+        raise RuntimeError("disk vanished")
+
+    monkeypatch.setattr(Recorder, "_capture", broken_capture)
+    for path in (tmp_path / "new.zarr", tmp_path / "empty"):
+        if path.name == "empty":
+            path.mkdir()
+        with pytest.raises(RuntimeError, match="disk vanished"):
+            Recorder(model, path, optimizer=opt).start()
+        assert not _writer_threads() and not opt._optimizer_step_post_hooks
+        assert not path.exists() or not any(path.iterdir())  # nothing made, the folder kept
+    assert (tmp_path / "empty").is_dir()
+    monkeypatch.undo()
+    with Recorder(model, tmp_path / "new.zarr"):  # and the path is usable afterwards
+        pass
+    assert len(spectra.open_run(tmp_path / "new.zarr")) == 1
+
+
+def test_a_failed_resume_keeps_the_existing_store(tiny, tmp_path):
+    model, opt, gen = tiny
+    with Recorder(model, tmp_path / "r.zarr") as rec:
+        train_steps(model, opt, 2, gen, lambda k, loss: rec.step())
+    with pytest.raises(StoreError, match="cannot resume"):
+        Recorder(TinyNet(), tmp_path / "r.zarr").start()
+    assert not _writer_threads()
+    np.testing.assert_array_equal(spectra.open_run(tmp_path / "r.zarr").steps, [0, 1, 2])

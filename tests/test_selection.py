@@ -106,3 +106,89 @@ def test_a_layer_converted_in_place_keeps_being_read():
     layer.__class__ = type("Factored", (nn.Linear,),
                            {"weight": property(lambda self: self.u @ self.sigma @ self.vh)})
     torch.testing.assert_close(reader(), 2 * (u * s) @ vh)
+
+
+def test_frozen_parameters_are_skipped_unless_asked():
+    model = TinyNet()
+    model.fc1.requires_grad_(False)
+    assert _names(model) == ["conv.weight", "fc2.weight"]
+    assert _names(model, trainable_only=False) == ["conv.weight", "fc1.weight", "fc2.weight"]
+    with pytest.raises(ValueError, match=r"\['fc1\.\*'\] name only frozen parameters .*trainable_only=False"):
+        select_matrices(model, include="fc1.*")
+
+
+def test_conv_transpose_is_read_as_out_by_in_times_kernel_per_group():
+    """Row o of the stored matrix holds the weights into output channel o (independent loops)."""
+    torch.manual_seed(0)
+    for groups in (1, 2):
+        layer = nn.ConvTranspose2d(4, 6, kernel_size=(2, 3), groups=groups)
+        (picked,) = select_matrices(nn.Sequential(layer))
+        w = layer.weight.detach()  # (in, out/groups, kh, kw)
+        in_per, out_per = 4 // groups, 6 // groups
+        expected = torch.zeros(6, in_per * 6)
+        for o in range(6):
+            g, j = divmod(o, out_per)
+            for i in range(in_per):
+                expected[o, i * 6:(i + 1) * 6] = w[g * in_per + i, j].flatten()
+        assert picked.spec.shape == (6, in_per * 6) and picked.spec.kind == "conv"
+        torch.testing.assert_close(picked.read(), expected, rtol=0, atol=0)
+
+
+def test_conv_transpose_matrix_maps_inputs_to_outputs():
+    """On a 1×1 input, ConvTranspose output channel o at kernel offset p is Σ_i M[o, (i, p)]·x_i."""
+    torch.manual_seed(1)
+    layer = nn.ConvTranspose2d(3, 5, kernel_size=2, bias=False)
+    (picked,) = select_matrices(nn.Sequential(layer))
+    x = torch.randn(3)
+    out = layer(x.view(1, 3, 1, 1)).detach()[0]  # (5, 2, 2)
+    matrix = picked.read().view(5, 3, 4)
+    torch.testing.assert_close(torch.einsum("oip,i->op", matrix, x), out.reshape(5, 4))
+
+
+def test_compiled_models_are_recorded_under_plain_names():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    model[1] = torch.compile(model[1])
+    assert _names(torch.compile(model)) == ["0.weight", "1.weight"]
+
+
+def test_leading_singleton_parameters_only_when_named():
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cls_token = nn.Parameter(torch.randn(1, 1, 4))
+            self.pos = nn.Parameter(torch.randn(1, 6, 4))
+            self.head = nn.Linear(4, 1)  # a one-output linear map stays a matrix
+
+    model = Tokens()
+    assert _names(model) == ["head.weight"]
+    picked = {m.spec.name: m for m in select_matrices(model, include=["cls_token", "pos"])}
+    assert picked["pos"].spec.shape == (6, 4) and picked["cls_token"].spec.shape == (1, 4)
+    torch.testing.assert_close(picked["pos"].read(), model.pos[0].detach(), rtol=0, atol=0)
+
+
+def test_tied_output_head_is_recorded_once_as_the_head():
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = nn.Embedding(10, 4)
+            self.body = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 10, bias=False)
+            self.head.weight = self.wte.weight
+
+    picked = select_matrices(LM(), embeddings=True)
+    assert [m.spec.name for m in picked] == ["body.weight", "head.weight"]
+    head = picked[1].spec
+    assert head.kind == "linear" and head.attrs["tied_to"] == ["wte.weight"]
+
+
+def test_parameter_dtype_is_kept():
+    model = nn.Sequential(nn.Linear(4, 3).to(torch.bfloat16), nn.Linear(3, 2).double())
+    assert [m.spec.dtype for m in select_matrices(model)] == ["bfloat16", "float64"]
+
+
+def test_parameter_layers_tell_how_each_state_dict_tensor_is_oriented():
+    from spectra.capture.selection import parameter_layers
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(3, 4), nn.ConvTranspose1d(4, 4, 3, groups=2), nn.Embedding(5, 4))
+    assert parameter_layers(model) == {"0.weight": ("linear", 1), "1.weight": ("conv_transpose", 2),
+                                       "2.weight": ("embedding", 1)}

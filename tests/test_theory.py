@@ -71,8 +71,8 @@ def test_init_is_alpha_times_orthogonal_and_the_aligned_one_starts_every_mode_at
 def test_the_recorder_keeps_every_layer_and_the_end_to_end_product(tmp_path):
     path = train(replace(SMALL, steps=30, snapshots=5), tmp_path / "r.zarr", quiet=True)
     run = spectra.open_run(path)
-    assert run.params == ["product.weight", "layers.0.weight", "layers.1.weight",
-                          "layers.2.weight"]
+    assert run.params == ["layers.0.weight", "layers.1.weight", "layers.2.weight",
+                          "product.weight"]  # model order: the layers are registered first
     assert run.spec("product.weight").kind == "effective"
     assert run.shape("layers.1.weight") == (16, 16) and run.steps[-1] == 30
     w1, w2, w3 = (run.weights(f"layers.{i}.weight", -1) for i in range(3))

@@ -1,196 +1,193 @@
 """analyze(): a run store → per-layer, per-step spectral metrics as a tidy frame.
 
 For every recorded matrix, every target ("updates": ΔW_t = W_t − W_0; "weights": W_t) and every
-committed snapshot t, the frame holds (metric names in the ``metric`` column):
+committed snapshot t, the frame holds the metrics of spectra.core.metric_table (names in the
+``metric`` column): ranks, norms and the top singular values of each snapshot; with k > 0 the
+top-k singular subspaces compared with the previous and with the last snapshot, and the OIALR
+full-basis stability against the previous one. Pairwise metrics are NaN where either matrix is
+zero (ΔW_0) or non-finite.
 
-per snapshot       effective_rank, stable_rank, numerical_rank, explained_variance_rank (τ),
-                   inrank_rank (α), frobenius_norm, spectral_norm, nuclear_norm,
-                   condition_number, sigma_1 ... sigma_<n_values>
-vs the previous    left_similarity_prev, right_similarity_prev   ‖AᵀB‖²_F / k of top-k bases
-snapshot (k > 0)   left_angle_prev, right_angle_prev              largest principal angle, rad
-                   oialr_stability_prev    OIALR: mean cosine of matching columns of U·Vh,
-                                           all min(m, n) columns (1 = basis unchanged)
-                   topk_stability_prev     the same restricted to the top-k triplets
-vs the last        left_similarity_last, right_similarity_last, left_angle_last,
-snapshot (k > 0)   right_angle_last, topk_stability_last
-
-Pairwise metrics are NaN where either matrix is zero (ΔW_0) or non-finite.
-
-Only the SVDs are cached (in the store's ``analysis/`` group, see spectra.analysis.cache): a second call
-computes SVDs only for snapshots committed since, also while a run is still being written.
-Memory is bounded by one chunk of snapshots (``max_bytes``), not by the length of the run.
+k is clamped to each matrix's smaller side (a 2-class head, a (1, d) token): ``frame.attrs["k"]``
+says which k each matrix got. Only the SVDs are cached (spectra.analysis.cache): a second call
+computes SVDs only for snapshots committed since, also while a run is still being written, and
+several processes may analyze one store at once. Memory is bounded by one chunk of snapshots
+(``max_bytes``), not by the length of the run. With ``client=`` (a dask.distributed Client) the
+SVDs are computed on the cluster, one task per (matrix, target, chunk of snapshots); the frame is
+the same.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from spectra.core import metrics
-from spectra.analysis.cache import AnalysisCache, Entry
-from spectra.core.linalg import batched_svd, blas_threads
+from spectra.analysis.cache import AnalysisCache, open_cache
+from spectra.analysis.chunks import chunks
+from spectra.analysis.columns import Options, entry_columns
+from spectra.analysis.extend import Job, State, chunk_rows, extend_chunk
+from spectra.core.linalg import blas_threads, compute_device
 from spectra.store import Run, open_run
 
 TARGETS = ("updates", "weights")
 COLUMNS = ["step", "param", "target", "metric", "value"]
+_ROUNDS = 3  # extension rounds before giving up on entries other processes keep cutting back
 
 
-def analyze(store: str | Path | Run, *, targets: Iterable[str] = TARGETS, k: int = 8,
-            params: Iterable[str] | None = None, device: str = "cpu", n_values: int = 8,
-            tau: float = 0.9, alpha: float = 0.9, max_bytes: int = 64 * 2**20,
-            threads: int | None = 1, quiet: bool = False) -> pd.DataFrame:
+def analyze(store: str | Path | Run, *, targets: str | Iterable[str] = TARGETS, k: int = 8,
+            params: str | Iterable[str] | None = None, device: str = "cpu", n_values: int = 8,
+            tau: float = 0.9, alpha: float = 0.9, max_bytes: int = 256 * 2**20,
+            threads: int | None = 1, quiet: bool = False, client: Any = None,
+            cache: str | Path | None = None) -> pd.DataFrame:
     """Spectral metrics of every recorded matrix at every committed snapshot.
 
     Args:
         store: path of a run store, or an open Run.
-        targets: any of "updates" (ΔW_t) and "weights" (W_t).
-        k: size of the top singular subspaces compared between snapshots; 0 computes only the
-            per-snapshot metrics (singular values alone, the cheapest SVD).
-        params: matrices to analyse (default: all, in model order).
-        device: "cpu" or "cuda" for the SVDs.
+        targets: "updates" (ΔW_t), "weights" (W_t), or both (a name or a list of names).
+        k: size of the top singular subspaces compared between snapshots, clamped to each
+            matrix's smaller side; 0 computes only the per-snapshot metrics (singular values
+            alone, the cheapest SVD).
+        params: matrices to analyse, a name or a list (default: all, in model order).
+        device: "cpu" or "cuda" ("cuda:N") for the SVDs.
         n_values: how many top singular values to report as sigma_i rows.
         tau: explained-variance threshold; alpha: InRank explained-ratio threshold.
-        max_bytes: memory budget for one chunk of snapshots (matrices read + SVD work).
+        max_bytes: memory budget for one chunk of snapshots (matrices read + SVD work), per
+            process (per dask worker thread with ``client``).
         threads: BLAS threads while analysing (1, the measured best on a busy machine, see
             spectra.core.linalg; None leaves the process setting alone).
         quiet: no progress bar.
+        client: a dask.distributed Client: compute the SVDs on its cluster (``pip install
+            spectra-dynamics[dask]``; the workers must reach the store and the cache).
+        cache: where the SVDs are cached: None = inside the store (in memory if the store
+            cannot be written), a path of its own (a zarr group), or "memory" (this call only).
 
     Returns:
         long DataFrame with columns step (int64), param, target, metric (categoricals) and
-        value (float64); ranks are counts stored as float (NaN for a NaN snapshot).
+        value (float64); ranks are counts stored as float (NaN for a NaN snapshot). Empty
+        (same columns) when the store has no committed snapshot yet. ``attrs["k"]``: param → the
+        k used for it.
     """
     run = store if isinstance(store, Run) else open_run(store)
     run.refresh()
-    targets = _validate(run, list(targets), k, n_values, tau, alpha)
+    targets, params = _names(targets, "targets"), _names(params, "params")
+    _validate(targets, k, n_values, tau, alpha, max_bytes, device, client)
     params = run.params if params is None else [run.spec(p).name for p in params]
     if not params:
         raise ValueError("params=[]: name at least one recorded matrix (or None for all)")
-    cache = AnalysisCache(run.path)
+    ks = {param: min(k, *run.shape(param)) for param in params}
     parts = _FrameParts(params, targets)
-    with blas_threads(threads):
-        for param in tqdm(params, desc="analyze", disable=quiet or not params, leave=False):
-            _extend_cache(run, cache, targets, param, k, device, max_bytes)
-            for target in targets:
-                entry = cache.entry(target, param, k)
-                columns = _columns(run, entry, param, k, n_values, tau, alpha, max_bytes)
-                parts.add(run.steps[: entry.length], param, target, columns)
-    return parts.frame()
+    if len(run):
+        store_cache = open_cache(run, cache)
+        with blas_threads(threads):
+            _complete(run, store_cache, targets, params, ks, str(device), max_bytes, threads,
+                      client, quiet)
+            options = Options(n_values, tau, alpha, rows=32)
+            for param in params:
+                for target in targets:
+                    columns = entry_columns(run, store_cache, target, param, ks[param], options)
+                    if columns is None:
+                        raise RuntimeError(f"the cached analysis of {target} of {param!r} was "
+                                           "cut back while it was read; run analyze() again")
+                    parts.add(run.steps, param, target, columns)
+    frame = parts.frame()
+    frame.attrs["k"] = ks
+    return frame
 
 
-def singular_values(store: str | Path | Run, param: str, target: str = "updates",
-                    k: int = 8) -> tuple[np.ndarray, np.ndarray]:
+def singular_values(store: str | Path | Run, param: str, target: str = "updates", k: int = 8,
+                    cache: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     """All singular values of ``param``'s ``target`` at every analysed snapshot.
 
     Returns (steps (T,), sv (T, min(m, n))) from the cache written by analyze(..., k=k).
     """
     run = store if isinstance(store, Run) else open_run(store)
-    entry = AnalysisCache(run.path).entry(target, run.spec(param).name, k)
-    if not entry:
-        raise KeyError(f"no cached analysis of {target} of {param!r} with k={k}; run analyze() first")
-    return run.steps[: entry.length], entry.read("sv")
+    name = run.spec(param).name
+    k = min(k, *run.shape(name))
+    store_cache = open_cache(run, cache)
+    with store_cache.lock(target, name, k):
+        entry = store_cache.entry(target, name, k)
+        length = entry.valid_length(run)
+        if not length:
+            raise KeyError(f"no cached analysis of {target} of {param!r} with k={k}; "
+                           "run analyze() first")
+        return run.steps[:length], entry.read("sv", 0, length)
 
 
-def _validate(run: Run, targets: list[str], k: int, n_values: int, tau: float,
-              alpha: float) -> list[str]:
+def _names(value: str | Iterable[str] | None, argument: str) -> list[str] | None:
+    """A name or an iterable of names as a list (a lone string is one name, not letters)."""
+    if value is None:
+        return None
+    if isinstance(value, (str, Path)):
+        return [str(value)]
+    names = list(value)
+    bad = [name for name in names if not isinstance(name, str)]
+    if bad:
+        raise ValueError(f"{argument}={value!r}: expected names (strings), got {bad[0]!r}")
+    return names
+
+
+def _validate(targets: list[str], k: Any, n_values: Any, tau: float, alpha: float,
+              max_bytes: Any, device: Any, client: Any) -> None:
     unknown = [t for t in targets if t not in TARGETS]
     if unknown or not targets:
         raise ValueError(f"targets={targets}; accepted: a non-empty subset of {TARGETS}")
-    smallest = min(min(run.shape(p)) for p in run.params)
-    if not isinstance(k, int) or not 0 <= k <= smallest:
-        raise ValueError(f"k={k!r}; must be an int in [0, {smallest}] (the smallest matrix side)")
-    if not isinstance(n_values, int) or n_values < 0:
-        raise ValueError(f"n_values={n_values!r}; must be a non-negative int")
+    for name, value, low in (("k", k, 0), ("n_values", n_values, 0), ("max_bytes", max_bytes, 1)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name}={value!r}; must be an int >= {low}")
     for name, value in (("tau", tau), ("alpha", alpha)):
         if not 0 < value < 1:
             raise ValueError(f"{name}={value}; must be in (0, 1)")
-    return targets
+    compute_device(device)
+    if client is not None and not callable(getattr(client, "submit", None)):
+        raise ValueError(f"client={client!r}; expected a dask.distributed.Client")
 
 
-_MAX_CHUNK = 32  # snapshots; more buys nothing on a CPU, where a batched SVD is a loop
+def _complete(run: Run, cache: AnalysisCache, targets: list[str], params: list[str],
+              ks: dict[str, int], device: str, max_bytes: int, threads: int | None, client: Any,
+              quiet: bool) -> None:
+    """Extend every entry to the run's committed length (in rounds: another process may cut an
+    entry back while this one extends it)."""
+    for _ in range(_ROUNDS):
+        todo = _missing(run, cache, targets, params, ks)
+        if not todo:
+            return
+        if client is None:
+            _extend_serially(run, cache, todo, ks, device, max_bytes, quiet)
+        else:
+            from spectra.analysis.distributed import extend_on_cluster
+            extend_on_cluster(client, run, cache, todo, ks, device, max_bytes, threads, quiet)
+    if _missing(run, cache, targets, params, ks):
+        raise RuntimeError(f"the analysis cache of {run.path} was cut back {_ROUNDS} times while "
+                           "this call extended it; run analyze() again")
 
 
-def _chunk_rows(shape: tuple[int, int], max_bytes: int) -> int:
-    """Snapshots per chunk: about six float64 copies of each matrix (ΔW read, W_t, the
-    engine's copy, U, Vh, work space) within ``max_bytes``, and at most _MAX_CHUNK."""
-    return max(1, min(_MAX_CHUNK, max_bytes // (8 * shape[0] * shape[1] * 6)))
-
-
-def _extend_cache(run: Run, cache: AnalysisCache, targets: list[str], param: str, k: int,
-                  device: str, max_bytes: int) -> None:
-    """SVD the snapshots committed since each target's cache was last extended, chunk by chunk,
-    reading each chunk of ΔW once for all targets."""
-    starts = {target: cache.entry(target, param, k).length for target in targets}
-    total = len(run)
-    dtype = run.init(param).dtype
-    init = run.init(param).astype(np.float64)
-    chunk = _chunk_rows(run.shape(param), max_bytes)
-    for start in range(min(starts.values()), total, chunk):
-        stop = min(total, start + chunk)
-        first = max(0, start - 1)  # the previous snapshot too: its basis anchors "prev"
-        updates = run.updates(param, slice(first, stop))
+def _missing(run: Run, cache: AnalysisCache, targets: list[str], params: list[str],
+             ks: dict[str, int]) -> dict[str, dict[str, int]]:
+    """param → {target: first row its entry lacks}, for entries short of the run's length."""
+    todo: dict[str, dict[str, int]] = {}
+    for param in params:
         for target in targets:
-            begin = max(start, starts[target])
-            if begin >= stop:
-                continue
-            rows = slice(max(0, begin - 1) - first, stop - first)
-            # at the parameter's own precision: W_t exactly (as Run.weights), ΔW_t rounded to it,
-            # so the SVD engine picks its fastest method that is exact at that precision
-            matrices = (init + updates[rows] if target == "weights" else updates[rows]).astype(dtype)
-            cache.append(target, param, k, begin, _svd_rows(matrices, begin, k, device, max_bytes))
+            with cache.lock(target, param, ks[param]):
+                length = cache.entry(target, param, ks[param]).valid_length(run)
+            if length < len(run):
+                todo.setdefault(param, {})[target] = length
+    return todo
 
 
-def _svd_rows(matrices: np.ndarray, begin: int, k: int, device: str,
-              max_bytes: int) -> dict[str, np.ndarray]:
-    """Cache rows for snapshots begin.. from ``matrices`` (C, m, n), which start one snapshot
-    earlier unless ``begin`` is 0."""
-    skip = 1 if begin else 0
-    if k == 0:
-        return {"sv": batched_svd(matrices, compute="values", device=device,
-                                  max_bytes=max_bytes, threads=None).S[skip:]}
-    svd = batched_svd(matrices, compute="full", device=device, max_bytes=max_bytes, threads=None)
-    stability = _pairwise_stability(svd.S, svd.U, svd.Vh)
-    if not begin:
-        stability = np.concatenate([[np.nan], stability])
-    return {"sv": svd.S[skip:], "u": svd.U[skip:, :, :k], "vh": svd.Vh[skip:, :k],
-            "stability": stability}
-
-
-def _pairwise_stability(s: np.ndarray, u: np.ndarray, vh: np.ndarray) -> np.ndarray:
-    """OIALR full-basis stability between consecutive rows of a full SVD: (C−1,)."""
-    values = metrics.oialr_stability(u[:-1], vh[:-1], u[1:], vh[1:])
-    return np.where(_usable(s[:-1]) & _usable(s[1:]), values, np.nan)
-
-
-def _usable(s: np.ndarray) -> np.ndarray:
-    """Rows whose bases mean something: finite and not the zero matrix."""
-    return np.isfinite(s).all(axis=-1) & (s[..., 0] > 0)
-
-
-def _columns(run: Run, entry: Entry, param: str, k: int, n_values: int, tau: float,
-             alpha: float, max_bytes: int) -> dict[str, np.ndarray]:
-    """Every metric of one (target, param) over its cached snapshots: name → (T,)."""
-    sv = entry.read("sv")
-    spec = run.spec(param)
-    columns = {
-        "effective_rank": metrics.effective_rank(sv),
-        "stable_rank": metrics.stable_rank(sv),
-        "numerical_rank": metrics.numerical_rank(sv, shape=spec.shape, dtype=run.init(param).dtype),
-        "explained_variance_rank": metrics.explained_variance_rank(sv, tau),
-        "inrank_rank": metrics.inrank_rank(sv, alpha),
-        "frobenius_norm": metrics.frobenius_norm(sv),
-        "spectral_norm": metrics.spectral_norm(sv),
-        "nuclear_norm": metrics.nuclear_norm(sv),
-        "condition_number": metrics.condition_number(sv),
-    }
-    for i in range(min(n_values, sv.shape[1])):
-        columns[f"sigma_{i + 1}"] = sv[:, i]
-    if k > 0:
-        columns.update(_subspace_columns(entry, _usable(sv), _chunk_rows(spec.shape, max_bytes)))
-    return columns
+def _extend_serially(run: Run, cache: AnalysisCache, todo: dict[str, dict[str, int]],
+                     ks: dict[str, int], device: str, max_bytes: int, quiet: bool) -> None:
+    """Each matrix in order, chunk by chunk, both targets per chunk (ΔW read once)."""
+    for param in tqdm(todo, desc="analyze", disable=quiet, leave=False):
+        job = Job(param, ks[param], device, max_bytes)
+        targets = list(todo[param])
+        states: dict[str, State | None] = {}
+        size = chunk_rows(run.shape(param), max_bytes)
+        for chunk in chunks(min(todo[param].values()), len(run), size):
+            states = extend_chunk(run, cache, job, targets, chunk, states)
 
 
 class _FrameParts:
@@ -214,50 +211,15 @@ class _FrameParts:
                             np.repeat(np.array(codes, np.int32), len(steps)), values))
 
     def frame(self) -> pd.DataFrame:
-        step, param, target, metric, value = (np.concatenate(c) for c in zip(*self.pieces))
+        empty = (np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0, np.int8),
+                 np.empty(0, np.int32), np.empty(0))
+        step, param, target, metric, value = (np.concatenate(c) for c in
+                                              zip(empty, *self.pieces))
         return pd.DataFrame({
-            "step": step,
+            "step": step.astype(np.int64),
             "param": pd.Categorical.from_codes(param, categories=self.params),
             "target": pd.Categorical.from_codes(target, categories=self.targets),
             "metric": pd.Categorical.from_codes(metric, categories=list(self.metrics)),
             "value": value,
         })[COLUMNS]
 
-
-def _subspace_columns(entry: Entry, usable: np.ndarray, rows: int) -> dict[str, np.ndarray]:
-    """Top-k bases compared with the previous and with the last snapshot, ``rows`` at a time."""
-    length = entry.length
-    last = (entry.read("u", length - 1), entry.read("vh", length - 1))
-    out: dict[str, np.ndarray] = {}
-    for start in range(0, length, rows):
-        stop = min(length, start + rows)
-        first = max(0, start - 1)  # one row back: the previous snapshot of the chunk's first
-        u, vh = entry.read("u", first, stop), entry.read("vh", first, stop)
-        paired = max(start, 1)  # rows compared with their previous snapshot
-        now = slice(paired - first, stop - first)
-        before = slice(paired - 1 - first, stop - 1 - first)
-        comparisons = (("prev", paired, _compare(u[before], vh[before], u[now], vh[now])),
-                       ("last", start, _compare(*last, u[start - first:], vh[start - first:])))
-        for suffix, begin, values in comparisons:
-            for name, value in values.items():
-                out.setdefault(f"{name}_{suffix}", np.full(length, np.nan))[begin:stop] = value
-    prev_ok = np.concatenate([[False], usable[:-1] & usable[1:]])
-    last_ok = usable & usable[-1]
-    for name in out:
-        out[name] = np.where(prev_ok if name.endswith("_prev") else last_ok, out[name], np.nan)
-    out["oialr_stability_prev"] = entry.read("stability")
-    return out
-
-
-def _compare(u_ref: np.ndarray, vh_ref: np.ndarray, u: np.ndarray,
-             vh: np.ndarray) -> dict[str, np.ndarray]:
-    """Subspace metrics of top-k bases (C, m, k), (C, k, n) against references of the same
-    shape (or one reference (m, k), (k, n) for all)."""
-    v_ref, v = np.swapaxes(vh_ref, -1, -2), np.swapaxes(vh, -1, -2)
-    return {
-        "left_similarity": metrics.subspace_similarity(u_ref, u),
-        "right_similarity": metrics.subspace_similarity(v_ref, v),
-        "left_angle": metrics.largest_principal_angle(u_ref, u),
-        "right_angle": metrics.largest_principal_angle(v_ref, v),
-        "topk_stability": metrics.oialr_stability(u_ref, vh_ref, u, vh),
-    }

@@ -9,14 +9,13 @@ it exactly as it was (the writer lock is taken first and given back on refusal).
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
-from spectra.capture.host import host_copy
 from spectra.capture.selection import RecordedMatrix
 from spectra.store import (CreatedElsewhere, Location, RunWriter, StoreError, create_run, digest,
                            existing, resume_run)
@@ -32,37 +31,37 @@ class Opened:
     global_step: int
     last_snapshot: int | None  # the last committed step (resumed stores), else None
     snapshot_now: bool  # take a snapshot at start
+    created: bool = False  # this call created the store (a failed start() removes it)
 
 
-def open_store(location: Location, matrices: Sequence[RecordedMatrix], *,
-               start_step: int | None, rewind: bool, overwrite: bool, schedule: Any,
-               meta: Mapping[str, Any], update_dtype: str, compressors: Any) -> Opened:
-    """Create, replace or resume the store at ``location`` (see the module docstring)."""
+def open_store(location: Location, matrices: Sequence[RecordedMatrix],
+               weights: Mapping[str, torch.Tensor], *, start_step: int | None, rewind: bool,
+               overwrite: bool, schedule: Any, meta: Mapping[str, Any], update_dtype: str,
+               compressors: Any) -> Opened:
+    """Create, replace or resume the store at ``location`` (see the module docstring);
+    ``weights`` are the matrices now (host copies, name → (m, n)): W_0 of a new store, or
+    checked against a resumed store's snapshots."""
+    ours = {m.spec.name: weights[m.spec.name].numpy() for m in matrices}
     found = existing(location)
     if found == "other":
         raise StoreError(f"{location}: exists and is not a spectra run store; refusing to "
                          "write into it (choose another path)")
     if found == "store" and not overwrite:
-        return _resume(location, matrices, start_step, rewind, schedule)
-    if found == "interrupted" and not overwrite:
-        warnings.warn(f"{location}: the creation of this store was interrupted before it "
-                      "completed (it holds no snapshot); creating it again", RuntimeWarning,
-                      stacklevel=4)
-    init = {m.spec.name: host_copy(m.read()).numpy() for m in matrices}
+        return _resume(location, matrices, ours, start_step, rewind, schedule)
     try:
-        writer = create_run(location, [m.spec for m in matrices], init, meta=meta,
+        writer = create_run(location, [m.spec for m in matrices], ours, meta=meta,
                             update_dtype=update_dtype, compressors=compressors,
-                            overwrite=found != "absent")
+                            overwrite=overwrite)
     except CreatedElsewhere:  # another Recorder won the race: resume it (its lock names it)
-        return _resume(location, matrices, start_step, rewind, schedule)
-    return Opened(writer, start_step or 0, None, True)
+        return _resume(location, matrices, ours, start_step, rewind, schedule)
+    return Opened(writer, start_step or 0, None, True, created=True)
 
 
-def _resume(location: Location, matrices: Sequence[RecordedMatrix], start_step: int | None,
-            rewind: bool, schedule: Any) -> Opened:
+def _resume(location: Location, matrices: Sequence[RecordedMatrix], ours: dict[str, np.ndarray],
+            start_step: int | None, rewind: bool, schedule: Any) -> Opened:
     writer = resume_run(location)
     try:
-        opened = _continue(writer, matrices, start_step, rewind, schedule)
+        opened = _continue(writer, matrices, ours, start_step, rewind, schedule)
         resumes = writer.meta.get("resumes", [])
         writer.update_meta(resumes=resumes + [{"at": _now(), "step": opened.global_step}])
         return opened
@@ -71,15 +70,16 @@ def _resume(location: Location, matrices: Sequence[RecordedMatrix], start_step: 
         raise
 
 
-def _continue(writer: RunWriter, matrices: Sequence[RecordedMatrix], start_step: int | None,
-              rewind: bool, schedule: Any) -> Opened:
+def _continue(writer: RunWriter, matrices: Sequence[RecordedMatrix],
+              ours: dict[str, np.ndarray], start_step: int | None, rewind: bool,
+              schedule: Any) -> Opened:
     """Where recording continues in a resumed store; cuts it back when rewinding."""
     _check_same_matrices(writer, matrices)
     last = writer.last_step
     if last is None:
         return Opened(writer, start_step or 0, None, True)
     if start_step is None:
-        _check_at_last_snapshot(writer, matrices)
+        _check_at_last_snapshot(writer, ours)
         return Opened(writer, last, last, False)
     if start_step > last:
         return Opened(writer, start_step, last, start_step in schedule)
@@ -93,7 +93,7 @@ def _continue(writer: RunWriter, matrices: Sequence[RecordedMatrix], start_step:
             f"continue from there, pass rewind=True (drops {len(dropped)} snapshot(s): steps "
             f"{_span(dropped)})")
     if keep and steps[keep - 1] == start_step:
-        differing = _differing(writer, _model_weights(matrices), keep - 1)
+        differing = _differing(writer, ours, keep - 1)
         if differing:
             raise StoreError(f"{writer.location}: cannot rewind to step {start_step}: the model "
                              f"is not the store's snapshot at that step ({_names(differing)} "
@@ -121,9 +121,8 @@ def _check_same_matrices(writer: RunWriter, matrices: Sequence[RecordedMatrix]) 
                              f"{ours[name]} in the model but {theirs[name]} in the store")
 
 
-def _check_at_last_snapshot(writer: RunWriter, matrices: Sequence[RecordedMatrix]) -> None:
+def _check_at_last_snapshot(writer: RunWriter, ours: dict[str, np.ndarray]) -> None:
     """A resume without start_step must find every matrix at the store's last snapshot."""
-    ours = _model_weights(matrices)
     last = writer.length - 1
     differing = _differing(writer, ours, last)
     if differing:
@@ -195,10 +194,6 @@ def _cosine_to_init(writer: RunWriter, ours: dict[str, np.ndarray]) -> float:
     init = np.concatenate([writer.init(name).ravel() for name in writer.params]).astype(np.float64)
     norm = np.linalg.norm(now) * np.linalg.norm(init)
     return float(now @ init / norm) if norm > 0 and np.isfinite(norm) else 1.0
-
-
-def _model_weights(matrices: Sequence[RecordedMatrix]) -> dict[str, np.ndarray]:
-    return {m.spec.name: host_copy(m.read()).numpy() for m in matrices}
 
 
 def _names(names: list[str]) -> str:

@@ -24,10 +24,18 @@ stores, for each scalar, the last value that belongs to step k (NaN if none):
 A snapshot is handed to the writer when its step is over (at the next step, ``snapshot()`` or
 ``close()``), so a value logged after the last ``opt.step()`` is kept. Values logged at a step
 without a snapshot are not stored.
+
+Distributed training. Under DDP (or any torch.distributed job whose parameters are plain
+tensors) rank 0 records and the Recorder is a no-op on the other ranks. Under FSDP2 and any
+model whose parameters are DTensors, every rank must create, start and step its Recorder alike:
+at each snapshot the ranks send their shards to rank 0, which writes the full matrices
+(spectra.capture.sharded); a rank that fails or stops makes the others raise within
+``timeout`` seconds instead of hanging.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -40,8 +48,10 @@ from torch import nn
 
 from spectra.capture import schedules
 from spectra.capture.host import host_copy
-from spectra.capture.opening import open_store
-from spectra.capture.selection import RecordedMatrix, select_matrices
+from spectra.capture.opening import Opened, open_store
+from spectra.capture.optimizers import describe_optimizer, unwrap_optimizer
+from spectra.capture.selection import RecordedMatrix, select_matrices, unwrap
+from spectra.capture.sharded import WRITER, ShardGather, is_sharded
 from spectra.capture.writer_thread import BackgroundWriter
 from spectra.store import Location, RunWriter
 
@@ -68,15 +78,20 @@ class Recorder:
     """Record W_0 and ΔW_t = W_t − W_0 of every weight matrix of ``model`` into ``path``.
 
     Args:
-        model: any nn.Module (a DistributedDataParallel wrapper is unwrapped).
+        model: any nn.Module (DDP, torch.compile and peft wrappers are looked through).
         path: the run store: a directory, or an fsspec URL (``memory://…``, ``s3://…``);
             created if new; an existing store is resumed.
         every: snapshot every ``every`` steps. Mutually exclusive with ``schedule``.
         schedule: "log" (dense early, sparse late), a schedules.Every/LogSpaced/Steps, or an
             explicit strictly increasing list of steps. Default: every step.
         optimizer: if given, its step post-hook drives the recorder (do not call ``step()``);
-            pass scalars with ``log()``. Its hyperparameters go into the store's attrs.
-        include, exclude, embeddings: which matrices (see spectra.capture.selection).
+            pass scalars with ``log()``. Its hyperparameters go into the store's attrs. A
+            trainer's wrapper (accelerate's AcceleratedOptimizer, Lightning's
+            LightningOptimizer) is looked through: the torch optimizer inside is hooked, so
+            only steps it really takes count (not accumulation micro-steps, not steps AMP's
+            GradScaler skipped).
+        include, exclude, embeddings, trainable_only: which matrices (spectra.capture.rules;
+            frozen parameters are skipped unless ``trainable_only=False``).
         start_step: the step the model is at now. New store: default 0. Resumed store: default
             the last committed step, checked against the stored weights (every matrix).
         rewind: with ``start_step`` at or before the store's last step (a checkpoint older than
@@ -91,34 +106,38 @@ class Recorder:
         update_dtype: "float64" (exact reconstruction, default) or "float32" (half the bytes).
         compressors: zarr codecs for the matrices ("auto": lz4 + bitshuffle, None: raw); a
             crc32c checksum is always added.
+        timeout: sharded models only: seconds a rank waits for the others at a snapshot before
+            raising.
 
     The store is locked for the Recorder's life: a second writer fails at once with an error
-    naming this one. Under torch.distributed only rank 0 records; on other ranks every method
-    is a no-op.
+    naming this one. Under torch.distributed rank 0 writes; see the module docstring for
+    sharded models.
     """
 
     def __init__(self, model: nn.Module, path: str | Path, *, every: int | None = None,
                  schedule: Any = None, optimizer: torch.optim.Optimizer | None = None,
                  include: str | Sequence[str] | None = None,
                  exclude: str | Sequence[str] | None = None, embeddings: bool = False,
-                 start_step: int | None = None, rewind: bool = False, overwrite: bool = False,
+                 trainable_only: bool = True, start_step: int | None = None,
+                 rewind: bool = False, overwrite: bool = False,
                  config: Mapping[str, Any] | None = None, max_pending: int = 2,
-                 update_dtype: str = "float64", compressors: Any = "auto"):
+                 update_dtype: str = "float64", compressors: Any = "auto",
+                 timeout: float = 600.0):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
         if start_step is not None and (not isinstance(start_step, int) or start_step < 0):
             raise ValueError(f"start_step={start_step!r}; must be a non-negative int")
         if rewind and start_step is None:
             raise ValueError("rewind=True needs start_step=<the step your checkpoint was saved at>")
         if not isinstance(max_pending, int) or max_pending < 1:
             raise ValueError(f"max_pending={max_pending!r}; must be a positive int")
-        self.model = getattr(model, "module", model) if _is_ddp(model) else model
+        if not isinstance(timeout, int | float) or timeout <= 0:
+            raise ValueError(f"timeout={timeout!r}; must be a positive number of seconds")
+        self.model = unwrap(model)
         self.location = Location.of(path)
         self.path: Path | str = self.location.local or self.location.url
         self.schedule = schedules.make_schedule(every, schedule)
-        self.optimizer = optimizer
+        self.optimizer = None if optimizer is None else unwrap_optimizer(optimizer)
         self.start_step = start_step
         self.rewind = rewind
         self.overwrite = overwrite
@@ -126,10 +145,13 @@ class Recorder:
         self.max_pending = max_pending
         self.update_dtype = update_dtype
         self.compressors = compressors
-        self.active = _is_writer_rank()
+        self.timeout = float(timeout)
+        self.active = _is_writer_rank()  # this rank writes the store
+        self.sharded = is_sharded(self.model)  # every rank takes part in each snapshot
         self.matrices: list[RecordedMatrix] = (
-            select_matrices(self.model, include=include, exclude=exclude, embeddings=embeddings)
-            if self.active else [])
+            select_matrices(self.model, include=include, exclude=exclude, embeddings=embeddings,
+                            trainable_only=trainable_only)
+            if self.active or self.sharded else [])
         self.global_step: int | None = None
         self._open: _Open | None = None
         self._before: dict[str, float] = {}  # values of before-step names, for the next step
@@ -137,6 +159,9 @@ class Recorder:
         self._stepped = False  # a step has ended in this session
         self._last_snapshot: int | None = None
         self._background: BackgroundWriter | None = None
+        self._gather: ShardGather | None = None
+        self._started = False
+        self._created = False  # start() created the store (removed again if start() fails)
         self._error: BaseException | None = None
         self._hook = None
         self._writer: RunWriter | None = None
@@ -155,29 +180,81 @@ class Recorder:
         self.close(raise_errors=exc_type is None)
 
     def start(self) -> "Recorder":
-        """Open (or resume) the store, take the first snapshot, start the writer thread."""
-        if not self.active or self._background is not None:
+        """Open (or resume) the store, take the first snapshot, start the writer thread.
+
+        If anything fails, no thread or hook is left behind, nor a store this call created.
+        """
+        if self._started or not (self.active or self.sharded):
             return self
-        opened = open_store(self.location, self.matrices, start_step=self.start_step,
-                            rewind=self.rewind, overwrite=self.overwrite, schedule=self.schedule,
-                            meta=self._meta(), update_dtype=self.update_dtype,
-                            compressors=self.compressors)
-        self._writer, self.global_step = opened.writer, opened.global_step
-        self._last_snapshot = opened.last_snapshot
-        self._background = BackgroundWriter(self._writer, self.max_pending)
+        made = _made_by_start(self.location) if self.active else None
         try:
+            if self.sharded:
+                self._gather = ShardGather(self.matrices, self.timeout)
+            weights = self._collect(self.start_step or 0)
+            opened = self._open_store(weights)
+            self._created = opened.created
+            self.global_step, self._last_snapshot = opened.global_step, opened.last_snapshot
+            if self.active:
+                self._writer = opened.writer
+                self._background = BackgroundWriter(self._writer, self.max_pending)
             if self.optimizer is not None:
                 self._hook = self.optimizer.register_step_post_hook(lambda *_: self._advance({}))
+            self._started = True
             if opened.snapshot_now:
-                self._capture({})
+                self._capture({}, collected=(weights,))
         except BaseException:
-            self.close(raise_errors=False)  # no thread, hook or held lock left behind
+            self._undo_start(made)
             raise
         return self
+
+    def _open_store(self, weights: Mapping[str, torch.Tensor] | None) -> Opened:
+        """open_store on the writer rank; under sharding its outcome (or its failure) is shared
+        with every rank, which gets an Opened without a writer."""
+        opened, failure = None, None
+        if self.active:
+            try:
+                opened = open_store(self.location, self.matrices, weights,
+                                    start_step=self.start_step, rewind=self.rewind,
+                                    overwrite=self.overwrite, schedule=self.schedule,
+                                    meta=self._meta(), update_dtype=self.update_dtype,
+                                    compressors=self.compressors)
+            except Exception as exc:
+                if self._gather is None:
+                    raise
+                failure = exc  # shared first, so that no rank waits for a writer that gave up
+        if self._gather is None:
+            return opened
+        shared = self._gather.share(
+            None if opened is None else (opened.global_step, opened.last_snapshot,
+                                         opened.snapshot_now), "opening the store")
+        if failure is not None:
+            raise failure
+        if shared is None:
+            raise RuntimeError(f"spectra: rank {WRITER} could not open {self.path} (its error "
+                               "is raised there); this rank stops recording too")
+        return opened or Opened(None, *shared)
+
+    def _undo_start(self, made: str | None) -> None:
+        """After a failed start(): remove the hook, drop the first snapshot unwritten, stop the
+        thread, release the store's lock, and remove a store this start() created (``made``:
+        "new" location, or a directory that was "empty")."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._open = None
+        if self._background is not None:
+            self._background.stop()  # closes the writer: releases the lock
+            self._background = None
+        elif self._writer is not None:
+            self._writer.abandon()
+        if made is not None and self._created:
+            _remove(self.location, keep_empty_dir=made == "empty")
+        self._started, self._writer, self._gather, self._created = False, None, None, False
 
     def close(self, raise_errors: bool = True) -> None:
         """Hand over the last snapshot, write and commit everything, release the store, stop
         the writer thread and remove the optimizer hook."""
+        self._started = False
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -197,7 +274,7 @@ class Recorder:
 
         ``scalars`` (loss, lr, ...) belong to this step: stored with its snapshot, if any.
         """
-        if not self.active:
+        if not (self.active or self.sharded):
             return False
         if self._hook is not None:
             raise RuntimeError("this Recorder is driven by its optimizer's step hook; "
@@ -226,7 +303,7 @@ class Recorder:
     def snapshot(self, **scalars: float) -> bool:
         """Snapshot now, whatever the schedule (e.g. the final weights). False if already done
         (``scalars`` still go to this step's snapshot)."""
-        if not self.active:
+        if not (self.active or self.sharded):
             return False
         self._require_started()
         if self._last_snapshot == self.global_step:
@@ -238,7 +315,8 @@ class Recorder:
 
     def _advance(self, scalars: Mapping[str, float]) -> bool:
         self._require_started()
-        self._raise_if_failed()
+        if self._gather is None:  # sharded: raised at the next snapshot, on every rank at once
+            self._raise_if_failed()
         self._emit_warnings()
         self._seal()  # the previous step is over
         self.global_step += 1
@@ -253,15 +331,31 @@ class Recorder:
         style = self._styles.setdefault(name, "after" if self._stepped else "before")
         return self.global_step + 1 if style == "before" else self.global_step
 
-    def _capture(self, scalars: Mapping[str, float]) -> None:
-        """Copy the weights now; the snapshot stays open for this step's scalars."""
-        self._raise_if_failed()
+    def _capture(self, scalars: Mapping[str, float], collected: tuple | None = None) -> None:
+        """Copy the weights of the current step now (``collected``: (weights,) this rank
+        already collected for it); the snapshot stays open for this step's scalars."""
+        self._require_started()
+        self._check_writer()
         self._seal()
-        with torch.no_grad():
-            weights = {m.spec.name: host_copy(m.read()) for m in self.matrices}
+        (weights,) = collected or (self._collect(self.global_step),)
+        self._last_snapshot = self.global_step
+        if not self.active:
+            return
         self._open = _Open(self.global_step, time.time() - self._writer.created, weights,
                            {k: float(v) for k, v in scalars.items()})
-        self._last_snapshot = self.global_step
+
+    def _check_writer(self) -> None:
+        """Raise if the writer failed; under sharding every rank acts on the writer rank's
+        answer, even if the writer fails meanwhile."""
+        if self._gather is None:
+            self._raise_if_failed()
+            return
+        failed = self._gather.share(self._failure(), f"the snapshot at step {self.global_step}")
+        if failed is not None and self.active:
+            self._raise_if_failed()
+        if failed is not None:
+            raise RuntimeError(f"spectra: the writer rank failed ({failed}); every rank "
+                               "stops recording")
 
     def _seal(self) -> None:
         """Hand the open snapshot to the writer: its step is over."""
@@ -270,27 +364,37 @@ class Recorder:
             self._background.put(snapshot.step, snapshot.elapsed, snapshot.weights,
                                  snapshot.scalars)
 
+    def _collect(self, step: int) -> dict[str, torch.Tensor] | None:
+        """Host copies of the matrices now, on the writer rank (None on the others)."""
+        if self._gather is not None:
+            return self._gather.collect(self.matrices, step)
+        with torch.no_grad():
+            return {m.spec.name: host_copy(m.read()) for m in self.matrices}
+
     def _meta(self) -> dict[str, Any]:
         meta = {"model": type(self.model).__name__, "model_repr": str(self.model)[:20000],
                 "schedule": schedules.describe(self.schedule), "config": _jsonable(self.config),
                 "torch_version": torch.__version__}
         if self.optimizer is not None:
-            group = {k: v for k, v in self.optimizer.param_groups[0].items() if k != "params"}
-            meta["optimizer"] = {"name": type(self.optimizer).__name__, **_jsonable(group)}
+            meta["optimizer"] = _jsonable(describe_optimizer(self.optimizer))
         return meta
 
     # -- errors ----------------------------------------------------------------------------------
 
     def _require_started(self) -> None:
-        if self._background is None:
+        if not self._started:
             raise RuntimeError("Recorder is not started: use `with Recorder(...) as rec:` "
                                "or call rec.start()")
 
-    def _raise_if_failed(self) -> None:
-        """Raise the writer's error; a failed writer stays failed (later snapshots are dropped)."""
+    def _failure(self) -> str | None:
+        """The writer's error as text (None if it is fine, or on other ranks)."""
         if self._background is not None and self._background.error is not None:
             self._error = self._background.error
-        if self._error is not None:
+        return None if self._error is None else repr(self._error)
+
+    def _raise_if_failed(self) -> None:
+        """Raise the writer's error; a failed writer stays failed (later snapshots are dropped)."""
+        if self._failure() is not None:
             committed = self._writer.length if self._writer else 0
             raise RecordingError(f"{self.location}: recording failed: {_describe(self._error)}; "
                                  f"the store keeps its {committed} committed snapshots",
@@ -301,13 +405,30 @@ class Recorder:
         while messages:
             warnings.warn(f"{self.path}: {messages.pop(0)}", RuntimeWarning, stacklevel=3)
 
-def _is_ddp(model: nn.Module) -> bool:
-    return isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel)
+
+def _made_by_start(location: Location) -> str | None:
+    """What start() will make at ``location``: "new" (nothing there), "empty" (an empty
+    directory it will fill), or None (an existing store, or something it will refuse)."""
+    if not location.is_empty_or_absent():
+        return None
+    return "empty" if location.is_local and location.local.is_dir() else "new"
+
+
+def _remove(location: Location, keep_empty_dir: bool) -> None:
+    """Remove the store at ``location`` (leaving an empty directory if asked)."""
+    if location.is_local:
+        shutil.rmtree(location.local, ignore_errors=True)
+        if keep_empty_dir:
+            location.local.mkdir()
+        return
+    fs, path = location.filesystem()
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
 
 
 def _is_writer_rank() -> bool:
     dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == WRITER
 
 
 def _describe(error: BaseException) -> str:

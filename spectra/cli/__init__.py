@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import os
 import sys
 import traceback
 from collections.abc import Iterator
 
-from spectra.cli import analyze, demo, info, theory, train, verify
+from spectra.cli import analyze, demo, import_checkpoints, info, theory, train, verify
+from spectra.cli.options import HelpFormatter
 
 # OSErrors are the environment's (disk, permissions, paths); these errno values get words
 _ENVIRONMENT = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
@@ -94,10 +96,12 @@ def _one_line(value: object) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spectra", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="spectra", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    commands = parser.add_subparsers(dest="command", required=True)
-    for module in (demo, train, analyze, theory, info, verify):
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=functools.partial(
+        argparse.ArgumentParser, formatter_class=HelpFormatter))
+    for module in (demo, train, analyze, theory, info, import_checkpoints, verify):
         module.register(commands)
     for command in commands.choices.values():  # --debug after the command, too
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,

@@ -5,37 +5,36 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from spectra.cli.options import add_threads
+
 
 def register(commands: argparse._SubParsersAction) -> None:
     theory = commands.add_parser("theory", help="check incremental-rank learning on deep "
                                  "linear networks against closed forms (C1-C6)")
-    theory.add_argument("--depth", type=int, default=3, help="weight matrices D (default 3)")
-    theory.add_argument("--alpha", type=float, default=0.1, help="init scale α (default 0.1)")
-    theory.add_argument("--optimizer", choices=["gd", "sgd", "adam"], default="gd")
-    theory.add_argument("--width", type=int, default=32, help="hidden width (default 32)")
+    theory.add_argument("--depth", type=int, default=3, help="weight matrices D")
+    theory.add_argument("--alpha", type=float, default=0.1, help="init scale α")
+    theory.add_argument("--optimizer", choices=["gd", "sgd", "adam"], default="gd",
+                        help="full-batch gradient descent, mini-batch SGD or Adam")
+    theory.add_argument("--width", type=int, default=32, help="hidden width")
     theory.add_argument("--teacher", default="8,4,2,1",
-                        help="the teacher's distinct singular values (default 8,4,2,1)")
-    theory.add_argument("--seed", type=int, default=0)
-    theory.add_argument("--alphas", help="init scales of the sweep (C2 slope, C4 vs α, C6; "
-                        "default 0.05,0.1,0.2,0.3,0.5,0.7,1)")
+                        help="the teacher's distinct singular values")
+    theory.add_argument("--seed", type=int, default=0, help="teacher, data and initialisation")
+    theory.add_argument("--alphas", default="0.05,0.1,0.2,0.3,0.5,0.7,1",
+                        help="init scales of the sweep (C2 slope, C4 vs α, C6)")
     theory.add_argument("--out", type=Path, default=Path("runs/theory"),
                         help="folder for the stores, the table and the figures")
-    theory.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: more only slow these tiny networks)")
-    theory.add_argument("--quiet", action="store_true")
+    add_threads(theory)
+    theory.add_argument("--quiet", action="store_true", help="no progress bars")
     theory.set_defaults(func=_theory)
 
 
 def _theory(args: argparse.Namespace) -> int:
-    import torch
-
-    from spectra.methods.theory.suite import SWEEP_ALPHAS, run_suite
-    torch.set_num_threads(args.threads)
+    from spectra.methods.theory.suite import run_suite
     teacher = _numbers(args.teacher, "--teacher")
-    alphas = _numbers(args.alphas, "--alphas") if args.alphas else SWEEP_ALPHAS
+    alphas = _numbers(args.alphas, "--alphas")
     result = run_suite(args.out, depth=args.depth, alpha=args.alpha, optimizer=args.optimizer,
                        width=args.width, teacher=teacher, seed=args.seed, alphas=alphas,
-                       quiet=args.quiet)
+                       quiet=args.quiet, threads=args.threads)
     print(_write_outputs(result, args.out))
     return 0 if all(row.agrees is not False for row in result.rows) else 1
 

@@ -45,39 +45,20 @@ Agreement with ``scipy.linalg.svd`` on the same matrices (what the tests check):
 (randomized); vectors orthonormal, rebuilding A (or its best rank-k part) to 1e-9·σ_1, and
 |u_iᵀ u_ref,i| ≥ 1 − 1e-9 for well-separated σ_i (1e-6 for top-k).
 
-``method="auto"``: measured on this 2-core machine (AMD EPYC, torch 2.13 CPU, numpy 2.4 and
-scipy 1.17 with OpenBLAS, 1 BLAS thread; ``python benchmarks/bench_linalg.py``, min of 5
-interleaved repeats, float32 input), time per matrix as a ratio to scipy gesdd values-only:
-
-    shape       B   gesdd values | values | full         | top-8: gram  randomized
-                    ms/matrix    | gram   | gesdd  gram  |              flat   1/i
-    128×128    64    0.82        | 0.66   | 2.41   2.31  |        0.97  1.88   1.98
-    512×128    32    2.22        | 0.38   | 2.29   1.64  |        0.56  1.38   1.98
-    512×784     8   57.7 (35.2*) | 0.29   | 1.43   1.24  |        0.28  0.39   0.29
-    512×512     8   33.1         | 0.46   | 2.39   1.72  |        0.44  0.58   0.35
-    1024×1024   2  195           | 0.46   | 2.36   1.81  |        0.43  0.51   0.21
-
-(* scipy on the wide array; our gesdd on its transpose. "flat": Gaussian entries, where
-randomized gives up and falls back; "1/i": σ_i = 1/i. Top-32: gram 0.38–2.40, randomized
-worse everywhere. torch.linalg.svdvals was 1.05–1.11× and torch.linalg.svd 2.1–2.7× scipy
-gesdd values: torch's MKL runs float64 GEMM and ``eigh`` slowly on this AMD CPU, so on the CPU
-numpy/scipy do the work.)
-
-Rule: float64 storage → ``gesdd`` for everything (the only exact choice). float32-or-lower
-storage → ``gram`` for values (2–3.5× faster than gesdd), full (1.2–1.4×) and top-k (2–5×,
-partial ``eigh``), except top-k with min(m, n) ≥ 1024 and sketch width 2k + 10 ≤ min(m, n)/32,
-where ``randomized`` is 2× faster on decaying spectra and 1.2× slower on flat ones.
-``device="cuda"`` runs the same methods with torch on the GPU (``gesdd`` there means torch's
-default cuSOLVER driver, ``gesvd`` ``driver="gesvd"``) under the same rule; it is never the
-default and was not measured here (no GPU).
+``method="auto"``, the rule (chosen from ``python benchmarks/bench_linalg.py``, which times every
+method side by side; the figures are in docs/benchmarks.md): float64 storage → ``gesdd`` for
+everything (the only exact choice). float32-or-lower storage → ``gram`` for values, full and
+top-k (partial ``eigh``), except top-k with min(m, n) ≥ 1024 and sketch width 2k + 10 ≤
+min(m, n)/32, where ``randomized`` wins on decaying spectra. ``device="cuda"`` runs the same
+methods with torch on the GPU (``gesdd`` there means torch's default cuSOLVER driver, ``gesvd``
+``driver="gesvd"``) under the same rule; it is never the default. On the CPU numpy/scipy do the
+work: torch's CPU LAPACK was measured slower.
 
 Threads: CPU "batched" SVD is a loop over LAPACK calls. During a call the engine limits the
 BLAS (OpenBLAS, via threadpoolctl) to ``threads`` threads, 1 by default, and restores the
-setting afterwards. With another process busy on this 2-core machine, two threads made the
-same calls 10–300× *slower* (workers spin waiting for a descheduled partner: 16 gesdd
-128×128 matrices took 7.5 s instead of 22 ms; tests/test_linalg.py 26 s instead of 1.2 s);
-with it mostly idle, two threads lost 1.1–3.6× on 128×128 and 512×128 stacks and won
-1.2–1.3× only on 1024×1024 (``threads=2`` or ``None`` there).
+setting afterwards: on a machine that other processes keep busy, two threads made the same
+calls many times *slower* (workers spin waiting for a descheduled partner; docs/benchmarks.md),
+and they gain little even when it is idle.
 
 Robustness: stacks are processed in chunks whose float64 working set stays under
 ``max_bytes`` (the returned arrays excluded). A matrix holding NaN/Inf gets NaN in its rows of
@@ -182,8 +163,8 @@ def batched_svd(
     Returns:
         :class:`SVD` of float64 arrays: S (B, r) descending, U (B, m, r), Vh (B, r, n).
     """
-    a = _as_stack(a)
-    batch, m, n = _check_input(a)
+    a = as_stack(a)
+    batch, m, n = check_stack(a)
     plan = _make_plan(a, compute, k, method, device, tol, seed)
     _check_limits(max_bytes, threads)
     wide = m < n
@@ -192,8 +173,8 @@ def batched_svd(
     nonfinite = failed = 0
     with blas_threads(threads):
         for start in range(0, batch, step):
-            x = _load(a[start : start + step], plan.device, wide)
-            finite = _finite_matrices(x)
+            x = load_tall(a[start : start + step], plan.device, wide)
+            finite = finite_matrices(x)
             x[~finite] = 0.0
             s, u, v = _solve(x, plan)
             _store(out, slice(start, start + step), s, u, v, finite, wide)
@@ -215,7 +196,7 @@ def blas_threads(threads: int | None):
     return _blas_controller().limit(limits=threads, user_api="blas")
 
 
-def _as_stack(a: Any) -> Any:
+def as_stack(a: Any) -> Any:
     """numpy arrays and torch tensors as they are; array-likes that slice into numpy arrays
     (a zarr array, a memmap) as they are too, so that only one chunk is read at a time;
     anything else through ``np.asarray``."""
@@ -226,7 +207,7 @@ def _as_stack(a: Any) -> Any:
     return np.asarray(a)
 
 
-def _check_input(a: Any) -> tuple[int, int, int]:
+def check_stack(a: Any) -> tuple[int, int, int]:
     """Validate the stack's rank, dtype and sizes; return (B, m, n)."""
     if a.ndim != 3:
         raise ValueError(
@@ -287,7 +268,7 @@ def _make_plan(
         method = _auto_method(compute, r, short, exact_dense)
     if tol is None:
         tol = math.sqrt(long_) * (_EPS32 if exact_dense == "gram" else 32 * _EPS64)
-    return _Plan(compute, r, method, exact_dense, _device(device), tol, int(seed))
+    return _Plan(compute, r, method, exact_dense, compute_device(device), tol, int(seed))
 
 
 def _auto_method(compute: str, k: int, short: int, exact_dense: str) -> str:
@@ -300,11 +281,15 @@ def _auto_method(compute: str, k: int, short: int, exact_dense: str) -> str:
     return "gram"
 
 
-def _device(device: str | torch.device) -> torch.device:
-    """Resolve and check the compute device."""
-    device = torch.device(device)
-    if device.type not in ("cpu", "cuda"):
+def compute_device(device: str | torch.device) -> torch.device:
+    """Resolve and check the compute device: "cpu", "cuda" or "cuda:N" (or a torch.device)."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {str(device)!r}")
+    device = resolved
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but torch.cuda.is_available() is False")
     return device
@@ -333,7 +318,7 @@ def _allocate(a: Array, batch: int, m: int, n: int, plan: _Plan) -> list[Array |
     return arrays + [None] * (3 - len(arrays))
 
 
-def _load(chunk: Array, device: torch.device, wide: bool) -> Array:
+def load_tall(chunk: Array, device: torch.device, wide: bool) -> Array:
     """A private float64 copy of the chunk (numpy or torch), made tall, on the compute
     device: a numpy array on the CPU, a torch tensor on CUDA."""
     if isinstance(chunk, torch.Tensor):
@@ -358,12 +343,12 @@ def _store(
     left, right = (v, u) if wide else (u, v)
     results = [s] if u is None else [s, left, right.swapaxes(-1, -2)]
     for target, value in zip(out, results):
-        value = _like(value, target)
-        value[~_like(finite, target)] = np.nan
+        value = like(value, target)
+        value[~like(finite, target)] = np.nan
         target[rows] = value
 
 
-def _like(x: Array, ref: Array) -> Array:
+def like(x: Array, ref: Array) -> Array:
     """``x`` as the array kind (and device) of ``ref``."""
     if isinstance(ref, torch.Tensor):
         x = np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x
@@ -371,7 +356,7 @@ def _like(x: Array, ref: Array) -> Array:
     return _numpy(x)
 
 
-def _finite_matrices(x: Array) -> Array:
+def finite_matrices(x: Array) -> Array:
     """(b,) bool: which matrices of a (b, ...) stack hold only finite numbers."""
     if isinstance(x, torch.Tensor):
         return torch.isfinite(x).flatten(1).all(1)
@@ -380,9 +365,9 @@ def _finite_matrices(x: Array) -> Array:
 
 def _finite_result(s: Array, u: Array | None, v: Array | None) -> Array:
     """(b,) bool: which rows of a result are finite in S, U and V."""
-    finite = _finite_matrices(s)
+    finite = finite_matrices(s)
     if u is not None:
-        finite = finite & _finite_matrices(u) & _finite_matrices(v)
+        finite = finite & finite_matrices(u) & finite_matrices(v)
     return finite
 
 
@@ -435,13 +420,13 @@ def _retry(x: Array, plan: _Plan) -> Triplets | None:
         cpu = torch.device("cpu")
         chain += [("gesdd", cpu), ("gesvd", cpu)]
     for method, device in chain:
-        xd = _load(x, device, wide=False)
+        xd = load_tall(x, device, wide=False)
         try:
             s, u, v = _run(method, xd, plan)
         except LINALG_ERRORS:
             continue
         if bool(_finite_result(s, u, v).all()):
-            return tuple(None if r is None else _like(r, x) for r in (s, u, v))
+            return tuple(None if r is None else like(r, x) for r in (s, u, v))
     return None
 
 

@@ -203,6 +203,15 @@ def inrank_rank(s: ArrayLike, alpha: float = 0.9) -> np.ndarray | np.float64:
     return _finish(np.where(flat, flat_rank, first), s)
 
 
+def singular_value(s: ArrayLike, i: int) -> np.ndarray | np.float64:
+    """σ_i, the i-th largest singular value (i = 1 for the largest). ``s`` (..., r) sorted
+    descending, 1 ≤ i ≤ r. Returns (...) float64."""
+    s = _singular_values(s, sorted_=True)
+    if not isinstance(i, (int, np.integer)) or not 1 <= i <= s.shape[-1]:
+        raise ValueError(f"i={i!r}; must be an int in [1, {s.shape[-1]}]")
+    return s[..., i - 1][()]
+
+
 def frobenius_norm(s: ArrayLike) -> np.ndarray | np.float64:
     """‖A‖_F = sqrt(Σ σ_i²), scaled by σ_1 so it neither overflows nor underflows. (...)."""
     s = _singular_values(s)

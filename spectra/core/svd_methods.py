@@ -57,14 +57,14 @@ def gram(x: Array, compute: str, k: int) -> Triplets:
     linalg = np.linalg if numpy else torch.linalg
     g = x.swapaxes(-1, -2) @ x
     if compute == "values":
-        return _sqrt_descending(linalg.eigvalsh(g))[:, :k], None, None
+        return sqrt_descending(linalg.eigvalsh(g))[:, :k], None, None
     if compute == "topk" and numpy:
         w, v = _top_eigh(g, k)
     else:
         w, v = linalg.eigh(g)
-    s = _sqrt_descending(w)[:, :k]
-    v = _flip(v)[:, :, :k]
-    return s, _left_vectors(x, v, s), v
+    s = sqrt_descending(w)[:, :k]
+    v = flip(v)[:, :, :k]
+    return s, left_vectors(x, v, s), v
 
 
 def _top_eigh(gram: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -79,17 +79,17 @@ def _top_eigh(gram: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(w), np.stack(v)
 
 
-def _flip(x: Array) -> Array:
+def flip(x: Array) -> Array:
     """Reverse the last axis (eigh's ascending order → descending)."""
     return np.flip(x, -1) if isinstance(x, np.ndarray) else torch.flip(x, (-1,))
 
 
-def _sqrt_descending(eigenvalues: Array) -> Array:
+def sqrt_descending(eigenvalues: Array) -> Array:
     """Singular values from ascending Gram eigenvalues (rounding can make tiny ones < 0)."""
-    return _flip(eigenvalues).clip(min=0.0) ** 0.5
+    return flip(eigenvalues).clip(min=0.0) ** 0.5
 
 
-def _left_vectors(x: Array, v: Array, s: Array) -> Array:
+def left_vectors(x: Array, v: Array, s: Array) -> Array:
     """U (b, m, k) from A·V = U·diag(σ) for Gram-derived V (b, n, k) and σ (b, k).
 
     Where every σ_i ≥ _CHOLESKY_QR_MIN_RATIO·σ_1, A·V/σ is orthonormal up to

@@ -6,8 +6,9 @@ never changes it.
 """
 
 from spectra.plot.runs import (LABELS, TARGET_COLORS, compare_runs, rank_curves, run_figures,
-                               save, singular_values, stability_heatmap)
+                               run_labels, save, singular_values, stability_heatmap)
 from spectra.plot.theory import modes_figure, sweep_figure
 
 __all__ = ["LABELS", "TARGET_COLORS", "compare_runs", "modes_figure", "rank_curves",
-           "run_figures", "save", "singular_values", "stability_heatmap", "sweep_figure"]
+           "run_figures", "run_labels", "save", "singular_values", "stability_heatmap",
+           "sweep_figure"]

@@ -20,6 +20,7 @@ import shutil
 import socket
 import time as _time
 import uuid
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -70,8 +71,9 @@ def create_run(location: PathOrURL | Location, specs: Sequence[MatrixSpec],
 
     ``meta`` is merged into attrs["spectra"] (must be JSON-serialisable). ``compressors`` for the
     matrices: "auto" = MATRIX_COMPRESSORS, None = raw, or zarr codecs; a crc32c checksum is
-    always appended. Raises StoreError if something is at ``location``, unless ``overwrite``
-    and it is a run store (or an interrupted creation of one), which is then replaced.
+    always appended. Raises StoreError if something is at ``location``, unless it is a run
+    store and ``overwrite``, which is then replaced. A store whose creation was interrupted
+    (it holds no snapshot) is replaced, with a warning.
     """
     location = Location.of(location)
     if update_dtype not in UPDATE_DTYPES:
@@ -79,12 +81,15 @@ def create_run(location: PathOrURL | Location, specs: Sequence[MatrixSpec],
     if not specs:
         raise ValueError("create_run needs at least one matrix spec")
     found = existing(location)
-    replace = found != "absent"
-    if replace and not (overwrite and found in ("store", "interrupted")):
-        what = {"store": "a run store", "interrupted": "an interrupted run store",
-                "other": "not a run store"}[found]
-        hint = "pass overwrite=True to replace it" if found != "other" else "choose another path"
+    if found == "other" or (found == "store" and not overwrite):
+        what, hint = (("a run store", "pass overwrite=True to replace it") if found == "store"
+                      else ("not a run store", "choose another path"))
         raise StoreError(f"{location}: exists and is {what}; refusing to overwrite it ({hint})")
+    if found == "interrupted":
+        warnings.warn(f"{location}: the creation of this store was interrupted before it "
+                      "completed (it holds no snapshot); creating it again", RuntimeWarning,
+                      stacklevel=2)
+    replace = found != "absent"
     content = _Content(specs, init, _attributes(meta, specs, update_dtype), update_dtype,
                        _codecs(compressors))
     if location.is_local:
@@ -111,7 +116,7 @@ class _Content:
             for spec in self.specs:
                 w0 = np.asarray(self.init[spec.name])
                 group = params.create_group(spec.name, attributes={
-                    "name": spec.name, "shape": list(spec.shape),
+                    **spec.attrs, "name": spec.name, "shape": list(spec.shape),
                     "original_shape": list(spec.original_shape), "kind": spec.kind,
                     "dtype": spec.dtype or str(w0.dtype)})
                 init_dtype = np.float64 if w0.dtype == np.float64 else np.float32

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import difflib
 import zlib
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -57,6 +57,8 @@ class MatrixSpec:
     kind: "linear", "conv", "embedding", "effective" (a module's dense effective weight) or "matrix".
     dtype: the parameter's dtype name ("float32", "bfloat16", ...): the precision the matrix was
         trained in, which numerical ranks are measured against. None when creating: that of W_0.
+    attrs: further JSON-serialisable notes kept in the matrix's group attrs (e.g. ``tied_to``,
+        ``layout``, ``adapter``: spectra.capture.rules).
     """
 
     name: str
@@ -64,6 +66,7 @@ class MatrixSpec:
     original_shape: tuple[int, ...]
     kind: str
     dtype: str | None = None
+    attrs: Mapping[str, Any] = field(default_factory=dict)
 
 
 def open_zarr(location: PathOrURL | Location, mode: str) -> zarr.Group:
@@ -108,13 +111,17 @@ def is_run_store(location: PathOrURL | Location) -> bool:
     return True
 
 
+SPEC_FIELDS = ("name", "shape", "original_shape", "kind", "dtype")
+
+
 def read_spec(root: zarr.Group, name: str) -> MatrixSpec:
     group = root[f"params/{name}"]
     attrs = group.attrs
     dtype = attrs.get("dtype") or str(group["init"].dtype)  # stores before the dtype attr
+    notes = {k: v for k, v in attrs.items() if k not in SPEC_FIELDS}
     return MatrixSpec(name=name, shape=tuple(attrs["shape"]),
                       original_shape=tuple(attrs["original_shape"]), kind=attrs["kind"],
-                      dtype=dtype)
+                      dtype=dtype, attrs=notes)
 
 
 def series_array(group: zarr.Group, name: str, dtype: Any, fill: Any, capacity: int,

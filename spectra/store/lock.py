@@ -3,7 +3,8 @@ holder's life, that records who holds it.
 
     with StoreLock("runs/gpt.zarr") as lock:               # the writer lock, "writer"
         ...                                                 # a second holder fails at once
-    StoreLock(path, name="analysis", purpose="analysis cache").acquire(timeout=30)
+    StoreLock(path, name="analysis-cache.k8.weights.fc.weight",
+              purpose="analysis cache").acquire(timeout=30)        # one analysis cache entry
 
 The lock named N is the file ``locks/N/zarr.json``: the metadata of an empty zarr group whose
 attributes hold the record of its holder (host, pid, start time, heartbeat), so that zarr and
@@ -42,7 +43,7 @@ from spectra.store.format import StoreError
 from spectra.store.location import Location, PathOrURL
 
 WRITER_LOCK = "writer"  # the Recorder's (one writer per store)
-ANALYSIS_LOCK = "analysis"  # the analysis cache's writers'
+ANALYSIS_LOCK = "analysis-cache"  # the analysis cache's locks: this, and this.k<k>.<target>.<param>
 LOCKS = "locks"  # the group holding the locks
 STALE_AFTER = 120.0  # seconds without a heartbeat after which another host's record is stale
 _RECORD_BYTES = 4096  # records are padded to this size and written in place (never truncated)

@@ -27,7 +27,7 @@ from spectra.store.format import (SERIES_CHUNK, UNCOMMITTED_STEP, MatrixSpec, St
                                   StoreVanished, digest, open_root, read_spec, resize,
                                   series_array, series_arrays)
 from spectra.store.location import Location, PathOrURL
-from spectra.store.lock import ANALYSIS_LOCK, StoreLock
+from spectra.store.lock import StoreLock
 from spectra.store.reader import committed_steps, written_by_schema_2
 
 _REMOTE_CHECK_EVERY = 10.0  # seconds between "is the store still there" checks on fsspec URLs
@@ -254,14 +254,14 @@ class RunWriter:
     def cut_back(self, length: int, record_key: str, record: Mapping[str, Any]) -> None:
         """Uncommit every snapshot from ``length`` on (``steps`` is reset to −1 from there to
         its end, so a damaged ``steps`` chunk past ``length`` goes too; nothing else is deleted)
-        and append ``record`` to attrs["spectra"][record_key]. Drops the analysis cache, whose rows past
-        ``length`` would no longer match the store. For rewinds and repairs only."""
+        and append ``record`` to attrs["spectra"][record_key]. For rewinds and repairs only.
+        The analysis cache is left alone: its rows name the (step, time) of their snapshot, so
+        rows of dropped snapshots are recognised and recomputed (spectra.analysis.cache)."""
         if self._pending:
             raise RuntimeError("cut_back() with uncommitted snapshots")
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot cut {self.location} back to {length} snapshots: it has "
                              f"{self.length}")
-        self._drop_analysis_cache()
         history = list(self._meta.get(record_key, []))
         self._meta.update({record_key: history + [dict(record)], "committed": length})
         self._root.attrs["spectra"] = self._meta  # the lower bound first: it stays a lower bound
@@ -348,11 +348,6 @@ class RunWriter:
                                 f"being written; its last {self.length} committed snapshots "
                                 "went with it, nothing more is written")
 
-    def _drop_analysis_cache(self) -> None:
-        if "analysis" not in self._root:
-            return
-        with StoreLock(self.location, ANALYSIS_LOCK, "analysis cache").acquire(timeout=60):
-            del self._root["analysis"]
 
 
 def resume_run(location: PathOrURL | Location) -> RunWriter:

@@ -4,20 +4,30 @@
 - ``mlp_run``: a 784-512-512-10 MLP on MNIST-5k; test accuracy.
 
 Each records its run (effective weights, the method's scalars, the training loss) into a store,
-writes the evaluation history into the store's attrs, and returns a RunResult.
+writes the evaluation history into the store's attrs, and returns a RunResult. Each trains with
+``threads`` torch threads (spectra.core.threads; None leaves torch's setting alone).
+
+A method that converts chosen layers (its factory takes ``layers``) converts its own default
+choice on the GPT (InRank: the feed-forward layers) and the hidden layers on the MLP (all but
+the 10-way output layer, whose rank is at most 10); ``options["layers"]`` overrides both.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from spectra.core.threads import TRAINING_THREADS, torch_threads
 from spectra.tasks.data import CharCorpus, kjv_text, mnist5k
 from spectra.methods import Method, build_method
+from spectra.methods.registry import METHODS
 from spectra.tasks.models import GPT, MLP, GPTConfig
 from spectra.capture.recorder import Recorder
 from spectra.capture.schedules import Every, LogSpaced
@@ -43,38 +53,55 @@ class RunResult:
 
 def gpt_run(method: str, path: str | Path, *, training: GPTTraining | None = None,
             options: dict[str, Any] | None = None, schedule: Any = None,
-            quiet: bool = False) -> RunResult:
+            quiet: bool = False, threads: int | None = TRAINING_THREADS) -> RunResult:
     """Train the demo character GPT with ``method``, recording into ``path``."""
     training = training or GPTTraining()
-    corpus = CharCorpus(kjv_text())
-    torch.manual_seed(training.seed)
-    model = GPT(GPTConfig(vocab_size=corpus.vocab_size))
-    built = build_method(method, model, lr=training.lr, weight_decay=training.weight_decay,
-                         total_steps=training.steps, **(options or {}))
-    schedule = schedule or LogSpaced(per_decade=5, max_every=max(1, training.steps // 15))
-    config = {"task": "char-gpt", "method": method, "options": options or {}, **vars(training)}
-    return _recorded(built, path, schedule, config, quiet,
-                     lambda after: train_char_gpt(built.model, corpus, training, quiet=quiet,
-                                                  optimizer=built.optimizer, after_step=after))
+    options = dict(options or {})
+    with torch_threads(threads):
+        corpus = CharCorpus(kjv_text())
+        torch.manual_seed(training.seed)
+        model = GPT(GPTConfig(vocab_size=corpus.vocab_size))
+        built = build_method(method, model, lr=training.lr, weight_decay=training.weight_decay,
+                             total_steps=training.steps, **options)
+        schedule = schedule or LogSpaced(per_decade=5, max_every=max(1, training.steps // 15))
+        config = {"task": "char-gpt", "method": method, "options": options, **vars(training)}
+        return _recorded(built, path, schedule, config, quiet,
+                         lambda after: train_char_gpt(built.model, corpus, training, quiet=quiet,
+                                                      optimizer=built.optimizer,
+                                                      after_step=after, threads=None))
 
 
 def mlp_run(method: str, path: str | Path, *, training: ClassifierTraining | None = None,
             options: dict[str, Any] | None = None, every: int | None = None,
-            quiet: bool = False) -> RunResult:
+            quiet: bool = False, threads: int | None = TRAINING_THREADS) -> RunResult:
     """Train the 784-512-512-10 MLP on MNIST-5k with ``method``, recording into ``path``
     (every epoch by default)."""
     training = training or ClassifierTraining(epochs=30)
-    data = mnist5k(seed=training.seed)
-    torch.manual_seed(training.seed)
-    model = MLP((784, 512, 512, 10))
-    steps_per_epoch = -(-len(data.y_train) // training.batch_size)
-    built = build_method(method, model, lr=training.lr, weight_decay=training.weight_decay,
-                         total_steps=training.epochs * steps_per_epoch, **(options or {}))
-    config = {"task": "mnist5k-mlp", "method": method, "options": options or {},
-              "steps_per_epoch": steps_per_epoch, **vars(training)}
-    return _recorded(built, path, Every(every or steps_per_epoch), config, quiet,
-                     lambda after: train_classifier(built.model, data, training, quiet=quiet,
-                                                    optimizer=built.optimizer, after_step=after))
+    options = dict(options or {})
+    with torch_threads(threads):
+        data = mnist5k(seed=training.seed)
+        torch.manual_seed(training.seed)
+        model = MLP((784, 512, 512, 10))
+        if "layers" in inspect.signature(method_factory(method)).parameters:
+            options.setdefault("layers", ",".join(f"layers.{i}"
+                                                  for i in range(len(model.layers) - 1)))
+        steps_per_epoch = -(-len(data.y_train) // training.batch_size)
+        built = build_method(method, model, lr=training.lr, weight_decay=training.weight_decay,
+                             total_steps=training.epochs * steps_per_epoch, **options)
+        config = {"task": "mnist5k-mlp", "method": method, "options": options,
+                  "steps_per_epoch": steps_per_epoch, **vars(training)}
+        return _recorded(built, path, Every(every or steps_per_epoch), config, quiet,
+                         lambda after: train_classifier(built.model, data, training, quiet=quiet,
+                                                        optimizer=built.optimizer,
+                                                        after_step=after, threads=None))
+
+
+def method_factory(method: str) -> Callable[..., Method]:
+    """The function METHODS registers for ``method`` (a clear error for an unknown name)."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}; accepted: {sorted(METHODS)}")
+    module, function = METHODS[method].split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def _recorded(built: Method, path: str | Path, schedule: Any, config: dict, quiet: bool,

@@ -4,24 +4,19 @@
     optimizer = controller.adamw(lr=2e-3, weight_decay=0.1)
     for step in range(1, steps + 1):
         loss = ...; optimizer.zero_grad(); loss.backward(); optimizer.step()
-        scalars = controller.step(step)            # {"rank.<layer>": r, "rank_fraction": ...}
+        scalars = controller(step)                 # {"rank.<layer>": r, "rank_fraction": ...}
 
-The rule (docs/architecture.md §3 and §6, official ``in_rank_efficient.py``): every ``every`` optimizer steps after
-``warmup``, take the singular values s of each layer's low-rank product U Vᵀ (the update W − W_0
-for vanilla InRank, the whole weight for efficient InRank; all min(m, n) values, zeros
-included) and set the rank to the first j in [r, min(r + b, max_rank − b)] with explained
-ratio g(j) > α (``spectra.core.metrics.inrank_explained_ratio``, SVD by ``spectra.core.linalg``); if none
-passes, to the top of that window. Ranks never shrink. The layer then trains r + b columns.
+Every ``every`` ticks after ``warmup``, the rule (spectra.methods.inrank.rule.grow_rank) reads the
+singular values of each layer's low-rank product U Vᵀ (the update W − W_0 for vanilla InRank,
+the whole weight for efficient InRank; SVDs batched over same-shape layers by
+spectra.core.linalg) and grows its rank; ranks never shrink. A tick is an optimizer step
+(``count="steps"``, ours) or a forward call of the layer, evaluation passes included
+(``count="forwards"``, the official code's, spectra.methods.clock). Efficient InRank switches to
+stage 2 at optimizer step ``search_steps``: each layer keeps its top r directions and trains
+at that fixed rank.
 
-Differences from the official code, each on purpose:
-- the schedule counts optimizer steps (``step(step)``), not forward calls, so evaluation
-  passes and gradient-accumulation micro-batches do not advance it;
-- the window includes r + b (official: r + b − 1), so buffer b = 1 can grow and buffer 0 is
-  fixed-rank training at the initial rank instead of a crash;
-- new columns start with U = 0 (function unchanged) and V orthogonal to the current V; the
-  official code activates preallocated Kaiming-random columns (function jumps);
-- optimizer state is carried over exactly at growth and mapped through the SVD rotation at the
-  stage-2 cut (spectra.methods.optim_state), where the official code slices rotated moments.
+Every choice where we differ from the official code is an option of :func:`to_inrank`; the
+presets of spectra.methods.inrank.methods name both sets (docs/inrank.md has the table).
 """
 
 from __future__ import annotations
@@ -31,76 +26,80 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from spectra.core.linalg import batched_svd
-from spectra.methods.registry import Method
-from spectra.methods.optim_state import FRESH, remap_state
+from spectra.methods.clock import ForwardClock, check_count
 from spectra.methods.inrank.layers import InRankEfficientLinear, InRankLinear, LowRankLinear
-from spectra.core.metrics import inrank_explained_ratio
+from spectra.methods.inrank.rule import WINDOWS, grow_rank
+from spectra.methods.modules import replace_module, trainable_count
+from spectra.methods.optim_state import FRESH, remap_state
 
 VARIANTS: dict[str, type[LowRankLinear]] = {"vanilla": InRankLinear,
                                             "efficient": InRankEfficientLinear}
 RULE_INPUTS = ("product", "active", "increment")
+MOMENTS = ("transform", "official")
 DEFAULT_LAYERS = ("*mlp.*",)  # the feed-forward Linears of a transformer block (nanoGPT, GPT-2)
-
-
-def next_rank(s: Any, *, rank: int, buffer: int, alpha: float, max_rank: int) -> int:
-    """InRank's rank update from the singular values ``s`` (min(m, n),) of the low-rank product.
-
-    Returns the first j in [max(r, 1), top] with g(j) > alpha, where top = min(r + b,
-    max_rank − b) (r = ``rank``, b = ``buffer``); ``top`` when none passes; ``rank`` when the
-    window is empty (buffer 0, or the cap reached) or the product is zero (nothing learned).
-    """
-    top = min(rank + buffer, max_rank - buffer)
-    s = np.asarray(s, dtype=np.float64)
-    if top <= rank or not s.size or s[0] == 0:
-        return rank
-    g = inrank_explained_ratio(s)
-    for j in range(max(rank, 1), top + 1):
-        if g[j - 1] > alpha:  # NaN (a flat spectrum: every direction matters) never passes
-            return j
-    return top
+OFFICIAL_BUFFER = (100, 384)  # buffer_modes 100 at GPT-2 small's ceiling ⌊768/2⌋ = 384
 
 
 class InRankController:
-    """Grows the ranks of InRank layers every ``every`` optimizer steps after ``warmup``.
+    """Grows the ranks of InRank layers every ``every`` ticks after ``warmup`` (module docstring).
+
+    A controller of spectra.methods.registry (``controller(step) -> scalars``, ``state_dict``,
+    ``load_state_dict``): the state holds what a resumed run needs beyond the model's and the
+    optimizer's own (the products the increment rule compares with, the stage, the forward
+    counts, the random generator of new directions).
 
     Args:
         layers: module path → InRank layer (what ``to_inrank`` converted).
         alpha: explained-ratio threshold in (0, 1).
-        every: evaluate the rule every this many optimizer steps. warmup: not before this step.
-        search_steps: efficient InRank only: at this step, truncate every layer to its rank
-            (stage 2) and stop growing. None: never (call ``truncate()`` yourself).
-        rule_input: the singular values the rule sees: "product" (default, official: all
+        every: evaluate the rule every this many ticks. warmup: not before tick ``warmup`` + 1.
+        search_steps: efficient InRank only: at this optimizer step, truncate every layer to
+            its rank (stage 2) and stop growing. None: never (call ``truncate()`` yourself).
+        rule_input: the singular values the rule sees: "product" (the official input: all
             min(m, n) values of U Vᵀ, the structural zeros beyond k included), "active" (only
             the k = r + b values the product can have) or "increment" (all values of the
-            change of U Vᵀ since the previous evaluation: what is being learned now, where
-            the youngest columns, the buffer, are not handicapped by their late start).
-        fresh_moments: second moment of newly activated columns ("zero" or "row-mean", see
+            change of U Vᵀ since the layer's previous evaluation: what is being learned now,
+            where the youngest columns, the buffer, are not handicapped by their late start).
+        fresh_moments: second moment of newly created columns ("zero" or "row-mean", see
             spectra.methods.optim_state).
+        moments: the optimizer state at the stage-2 cut: "transform" (through the SVD
+            rotation, spectra.methods.optim_state) or "official" (the first r columns of the
+            unrotated moments).
+        window: the rule's search window, "inclusive" or "official" (spectra.methods.inrank.rule).
+        count: what a tick is, "steps" or "forwards" (module docstring).
         model: the converted model (for the trainable-parameter count in the scalars).
         optimizer: whose state to keep consistent on rank changes (set it later with
             ``attach`` or ``adamw``).
+        generator: the torch.Generator the layers draw new directions from (saved with the
+            controller's state, so that a resumed run draws the same ones).
     """
 
     def __init__(self, layers: Mapping[str, LowRankLinear], *, alpha: float = 0.9,
                  every: int = 25, warmup: int = 100, search_steps: int | None = None,
                  rule_input: str = "product", fresh_moments: str = "zero",
+                 moments: str = "transform", window: str = "inclusive", count: str = "steps",
                  model: nn.Module | None = None,
-                 optimizer: torch.optim.Optimizer | None = None):
-        _check_rule(alpha, every, warmup, search_steps, rule_input, fresh_moments)
+                 optimizer: torch.optim.Optimizer | None = None,
+                 generator: torch.Generator | None = None):
+        _check_rule(alpha, every, warmup, search_steps, rule_input, fresh_moments, moments,
+                    window, count)
         if not layers:
             raise ValueError("layers is empty: nothing to control")
         self.layers = dict(layers)
         self.alpha, self.every, self.warmup = alpha, every, warmup
         self.search_steps = search_steps
-        self.rule_input, self.fresh_moments = rule_input, fresh_moments
+        self.rule_input, self.fresh_moments, self.moments = rule_input, fresh_moments, moments
+        self.window, self.count = window, count
         self._previous: dict[str, torch.Tensor] = {}  # products at the last evaluation
-        self.model, self.optimizer = model, optimizer
+        self.model, self.optimizer, self.generator = model, optimizer, generator
         self.searching = True  # stage 1 (grow) until truncate()
+        self.clocks = {} if count == "steps" else {
+            name: ForwardClock(layer, lambda tick, name=name: self._tick(tick, [name]),
+                               training_only=False)
+            for name, layer in self.layers.items()}
 
     def attach(self, optimizer: torch.optim.Optimizer) -> "InRankController":
         """Keep ``optimizer``'s state consistent when ranks change. Returns self."""
@@ -131,30 +130,36 @@ class InRankController:
                    "lr_scale": lr_scale}]
         return self.attach(torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)).optimizer
 
-    def step(self, step: int) -> dict[str, float]:
-        """Call after optimizer step ``step`` (1-based). Applies the rule when due, switches
-        to stage 2 at ``search_steps``; returns the scalars to record."""
-        if self.searching and step > self.warmup and step % self.every == 0:
-            self.evaluate()
+    def __call__(self, step: int) -> dict[str, float]:
+        """Call after optimizer step ``step`` (1-based). Applies the rule when due (counting
+        steps), switches to stage 2 at ``search_steps``; returns the scalars to record."""
+        if self.count == "steps":
+            self._tick(step, list(self.layers))
         if self.searching and self.search_steps is not None and step >= self.search_steps:
             self.truncate()
         return self.scalars()
 
-    def evaluate(self) -> dict[str, int]:
-        """Apply the rule to every layer now; grow where it says so. Returns the new ranks."""
+    def _tick(self, tick: int, names: list[str]) -> None:
+        if self.searching and tick > self.warmup and tick % self.every == 0:
+            self.evaluate(names)
+
+    def evaluate(self, names: Sequence[str] | None = None) -> dict[str, int]:
+        """Apply the rule now to the layers ``names`` (default all); grow where it says so.
+        Returns the ranks of all layers."""
         by_shape: dict[tuple[int, int], list[str]] = defaultdict(list)
-        for name, layer in self.layers.items():
+        for name in self.layers if names is None else names:
+            layer = self.layers[name]
             by_shape[(layer.out_features, layer.in_features)].append(name)
-        for names in by_shape.values():
+        for group in by_shape.values():
             with torch.no_grad():
-                stack = torch.stack([self._seen(n) for n in names])
+                stack = torch.stack([self._seen(n) for n in group])
             values = batched_svd(stack, compute="values").S.cpu().numpy()
-            for name, s in zip(names, values):
+            for name, s in zip(group, values):
                 layer = self.layers[name]
                 if self.rule_input == "active":
                     s = s[:layer.active_rank]
-                rank = next_rank(s, rank=layer.rank, buffer=layer.buffer, alpha=self.alpha,
-                                 max_rank=layer.max_rank)
+                rank = grow_rank(s, rank=layer.rank, buffer=layer.buffer, alpha=self.alpha,
+                                 max_rank=layer.max_rank, window=self.window)
                 if rank != layer.rank:
                     remap_state(self.optimizer, layer.grow(rank), fresh=self.fresh_moments)
         return {name: layer.rank for name, layer in self.layers.items()}
@@ -171,8 +176,9 @@ class InRankController:
     def truncate(self) -> None:
         """Stage 2 of efficient InRank: every layer keeps its top ``rank`` directions, drops
         its buffer, and stops growing."""
+        policy = "transform" if self.moments == "transform" else "slice"
         for layer in self.layers.values():
-            remap_state(self.optimizer, layer.truncate())
+            remap_state(self.optimizer, layer.truncate(layer.rank), moments=policy)
         self.searching = False
 
     def scalars(self) -> dict[str, float]:
@@ -182,16 +188,38 @@ class InRankController:
         active = sum(layer.active_rank for layer in self.layers.values())
         out["rank_fraction"] = active / sum(layer.full_rank for layer in self.layers.values())
         if self.model is not None:
-            out["trainable_params"] = float(sum(p.numel() for p in self.model.parameters()
-                                                if p.requires_grad))
+            out["trainable_params"] = float(trainable_count(self.model))
         return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """The products the increment rule compares with, the stage, the forward counts and
+        the generator of new directions (ranks and factors are in the model's state dict)."""
+        return {"previous": {name: p.clone() for name, p in self._previous.items()},
+                "searching": self.searching,
+                "forwards": {name: clock.count for name, clock in self.clocks.items()},
+                "generator": None if self.generator is None else self.generator.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what ``state_dict`` saved (load the model's state dict too: it resizes the
+        layers to the checkpoint's ranks, keeping the Parameter objects the optimizer holds)."""
+        self._previous = {name: p.clone() for name, p in state["previous"].items()}
+        self.searching = bool(state["searching"])
+        for name, count in state["forwards"].items():
+            self.clocks[name].load_state_dict({"count": count})
+        if state["generator"] is not None:
+            if self.generator is None:
+                raise ValueError("the checkpoint has a generator state but this controller "
+                                 "has no generator; build it with to_inrank()")
+            self.generator.set_state(state["generator"])
 
 
 def to_inrank(model: nn.Module, *, layers: str | Sequence[str] | None = None,
-              variant: str = "vanilla", rank: int = 2, buffer: int = 16, alpha: float = 0.9,
-              every: int = 25, warmup: int = 100, search_steps: int | None = None,
-              rule_input: str = "product", fresh_moments: str = "zero",
-              max_rank: int | None = None, init_scale: float = 1.0,
+              variant: str = "vanilla", rank: int = 2, buffer: int | str = 16,
+              alpha: float = 0.9, every: int = 25, warmup: int = 100,
+              search_steps: int | None = None, rule_input: str = "product",
+              fresh_moments: str = "zero", moments: str = "transform",
+              window: str = "inclusive", count: str = "steps",
+              max_rank: int | str | None = None, init_scale: float = 1.0,
               new_columns: str = "orthogonal", seed: int = 0) -> InRankController:
     """Replace Linear layers of ``model`` (in place) by InRank layers; return their controller.
 
@@ -201,36 +229,58 @@ def to_inrank(model: nn.Module, *, layers: str | Sequence[str] | None = None,
             spectra.tasks.models.GPT, blocks.*.mlp.c_fc and blocks.*.mlp.c_proj. A pattern that
             matches only modules that are not nn.Linear is an error.
         variant: "vanilla" (W_0 + U Vᵀ) or "efficient" (U Vᵀ from scratch, two stages).
-        rank, buffer, max_rank, init_scale, new_columns: per layer (see
-            inrank_layers.LowRankLinear).
-        alpha, every, warmup, search_steps, rule_input, fresh_moments: the controller's (see
-            InRankController).
-        seed: seeds the random directions of new columns.
+        rank, init_scale, new_columns: per layer (see layers.LowRankLinear).
+        buffer: per layer, an int or "official": the official 100 columns at GPT-2 small's
+            ceiling of 384, scaled to each layer's ceiling (round(100 · max_rank / 384), ≥ 1).
+        max_rank: the ceiling on active columns: None (min(m, n)), "half" (⌊min(m, n)/2⌋,
+            the official code's) or an int.
+        alpha, every, warmup, search_steps, rule_input, fresh_moments, moments, window, count:
+            the controller's (see InRankController).
+        seed: seeds the random directions (or preallocated columns) of new columns.
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r}; accepted: {sorted(VARIANTS)}")
-    _check_rule(alpha, every, warmup, search_steps, rule_input, fresh_moments)
+    _check_rule(alpha, every, warmup, search_steps, rule_input, fresh_moments, moments,
+                window, count)
+    if isinstance(buffer, str) and buffer != "official":
+        raise ValueError(f"buffer={buffer!r}; must be an int >= 0 or 'official'")
+    if isinstance(max_rank, str) and max_rank != "half":
+        raise ValueError(f"max_rank={max_rank!r}; must be an int, 'half' or None")
     generator = torch.Generator().manual_seed(seed)
     names = select_linears(model, DEFAULT_LAYERS if layers is None else layers)
     converted = {}
     for name in names:
-        parent, _, attr = name.rpartition(".")
+        linear = model.get_submodule(name)
+        ceiling = min(linear.in_features, linear.out_features) // 2 if max_rank == "half" \
+            else max_rank
         layer = VARIANTS[variant].from_linear(
-            model.get_submodule(name), rank=rank, buffer=buffer, max_rank=max_rank,
+            linear, rank=rank, buffer=_buffer(buffer, ceiling, linear), max_rank=ceiling,
             init_scale=init_scale, new_columns=new_columns, generator=generator)
-        setattr(model.get_submodule(parent), attr, layer)
+        replace_module(model, name, layer)
         converted[name] = layer
     return InRankController(converted, alpha=alpha, every=every, warmup=warmup,
                             search_steps=search_steps, rule_input=rule_input,
-                            fresh_moments=fresh_moments, model=model)
+                            fresh_moments=fresh_moments, moments=moments, window=window,
+                            count=count, model=model, generator=generator)
+
+
+def _buffer(buffer: int | str, ceiling: int | None, linear: nn.Linear) -> int:
+    """The buffer of one layer: ``buffer``, or the official one scaled to its ceiling."""
+    if buffer != "official":
+        return buffer
+    ceiling = min(linear.in_features, linear.out_features) if ceiling is None else ceiling
+    columns, at = OFFICIAL_BUFFER
+    return max(1, round(columns * ceiling / at))
 
 
 def _check_rule(alpha: Any, every: Any, warmup: Any, search_steps: Any, rule_input: Any,
-                fresh_moments: Any) -> None:
-    if rule_input not in RULE_INPUTS:
-        raise ValueError(f"rule_input={rule_input!r}; accepted: {RULE_INPUTS}")
-    if fresh_moments not in FRESH:
-        raise ValueError(f"fresh_moments={fresh_moments!r}; accepted: {FRESH}")
+                fresh_moments: Any, moments: Any, window: Any, count: Any) -> None:
+    for name, value, accepted in (("rule_input", rule_input, RULE_INPUTS),
+                                  ("fresh_moments", fresh_moments, FRESH),
+                                  ("moments", moments, MOMENTS), ("window", window, WINDOWS)):
+        if value not in accepted:
+            raise ValueError(f"{name}={value!r}; accepted: {accepted}")
+    check_count(count)
     if not (isinstance(alpha, float | int) and 0.0 < alpha < 1.0):
         raise ValueError(f"alpha={alpha!r}; must be in (0, 1) (the paper uses 0.9)")
     for name, value, low in (("every", every, 1), ("warmup", warmup, 0)):
@@ -256,54 +306,3 @@ def select_linears(model: nn.Module, patterns: str | Sequence[str]) -> list[str]
                              + f"; the model's nn.Linear layers: {available}")
         chosen += [name for name in linears if name not in chosen]
     return [name for name in modules if name in chosen]
-
-
-# -- methods for spectra.methods.build_method / `spectra train` ----------------------------------
-
-def inrank_method(model: nn.Module, *, lr: float, weight_decay: float, total_steps: int,
-                  lr_scale: float = 1.0, factor_decay: float | None = None,
-                  layers: str | Sequence[str] | None = None, **options: Any) -> Method:
-    """Vanilla InRank (W_0 + U Vᵀ, rank grown by the rule). ``options``: those of to_inrank
-    (rank, buffer, alpha, every, warmup, max_rank, init_scale, seed); ``layers`` may be a
-    comma-separated string of patterns (``-O layers=layers.0,layers.1``)."""
-    controller = to_inrank(model, layers=_patterns(layers), **options)
-    return _method("inrank", controller, lr, weight_decay, lr_scale, factor_decay)
-
-
-def inrank_efficient_method(model: nn.Module, *, lr: float, weight_decay: float,
-                            total_steps: int, search_steps: int | None = None,
-                            lr_scale: float = 1.0, factor_decay: float | None = None,
-                            layers: str | Sequence[str] | None = None,
-                            **options: Any) -> Method:
-    """Efficient InRank (U Vᵀ from scratch): rank search for ``search_steps`` (default a third
-    of ``total_steps``), then truncation to the found ranks and fixed-rank training."""
-    search_steps = max(1, total_steps // 3) if search_steps is None else search_steps
-    controller = to_inrank(model, layers=_patterns(layers), variant="efficient",
-                           search_steps=search_steps, **options)
-    return _method("inrank-efficient", controller, lr, weight_decay, lr_scale, factor_decay)
-
-
-def fixed_rank_method(model: nn.Module, *, lr: float, weight_decay: float, total_steps: int,
-                      rank: int = 32, variant: str = "vanilla", lr_scale: float = 1.0,
-                      factor_decay: float | None = None,
-                      layers: str | Sequence[str] | None = None, **options: Any) -> Method:
-    """The InRank layers at a fixed rank (buffer 0, never grown): the rank cap without the
-    rule. ``rank`` is capped at the smallest min(m, n) of the converted layers (``rank=100000``:
-    no cap)."""
-    converted = select_linears(model, _patterns(layers) or DEFAULT_LAYERS)
-    smallest = min(min(model.get_submodule(n).weight.shape) for n in converted)
-    controller = to_inrank(model, layers=converted, variant=variant, rank=min(rank, smallest),
-                           buffer=0, **options)
-    return _method("fixed-rank", controller, lr, weight_decay, lr_scale, factor_decay)
-
-
-def _method(name: str, controller: InRankController, lr: float, weight_decay: float,
-            lr_scale: float, factor_decay: float | None) -> Method:
-    optimizer = controller.adamw(lr, weight_decay, lr_scale=lr_scale, factor_decay=factor_decay)
-    return Method(name, controller.model, optimizer, controller.step)
-
-
-def _patterns(layers: str | Sequence[str] | None) -> list[str] | None:
-    if isinstance(layers, str):
-        return [p.strip() for p in layers.split(",") if p.strip()]
-    return None if layers is None else list(layers)

@@ -1,55 +1,70 @@
-"""OIALR (arXiv 2401.08505): orthogonality-informed adaptive low-rank training, as a Method.
+"""OIALR (arXiv 2401.08505): orthogonality-informed adaptive low-rank training, the controller.
 
-The controller, run after every optimizer step:
+Run after every optimizer step (``controller(step)``), or on the model's training forward
+calls as the official code counts (``count="forwards"``, spectra.methods.clock):
 
 1. Each candidate layer trains at full rank until its trigger fires: after a fixed ``delay``
-   (``oialr``, the paper's rule) or when its own measured basis stability says its singular
-   bases have settled (``oialr-stability``, spectra.methods.oialr.trigger). It is then replaced,
-   at the same module path, by its U Σ Vᵀ form (spectra.methods.oialr.layers) computing the
-   same function; its bias is carried over and keeps training.
-2. Every ``frequency`` steps after a layer's conversion: SVD of Σ, rotate U and V (``rotate``),
-   then cut the ranks whose σ < β·σ_1, at most half of them per update and never below the
-   minimum rank (``next_rank``). Ranks never grow.
+   (``FixedDelay``, the paper's rule) or when its own measured basis stability says its
+   singular bases have settled (spectra.methods.oialr.trigger). It is then replaced, at the same
+   module path, by its U Σ Vᵀ form (spectra.methods.oialr.layers) computing the same function.
+2. Every ``frequency`` ticks after a layer's conversion (and at the conversion itself with
+   ``cut_at_conversion``): SVD of Σ, rotate U and V, then cut the ranks whose σ < β·σ_1, at
+   most half of them per update and never below the minimum rank (``cut_rank``). Ranks never
+   grow. With ``phase_in`` only the last layers take part, more at each update (the official
+   ``network_layer_perc_step``).
 
-Candidates (docs/architecture.md §7): nn.Linear and nn.Conv2d (zero padding) whose matrix (out, in·kh·kw)
-has min dim > max dim / 10; embeddings, norms and biases are never factorised; the first and the
-last Linear/Conv2d of the model stay full rank unless ``keep_first`` / ``keep_last`` is False.
+Candidates (docs/architecture.md §7): nn.Linear and nn.Conv2d (zero padding) whose matrix
+(out, in·kh·kw) has min dim > max dim / 10; embeddings, norms and biases are never factorised.
+``keep_first`` / ``keep_last`` keep the first / last layer dense: of the model's Linear/Conv2d
+layers (``keep_among="all"``, ours) or of the eligible ones (``"eligible"``, the official code's,
+which keeps the last *converted* layer).
 
-Optimizer state. The optimizer keeps training the same parameter groups: at conversion W's
-entry is replaced by Σ in its group (keeping weight decay and lr_scale), and at a cut the old Σ
-by the new, smaller one. Adam's moments are *transformed* by default (``moments="transform"``), not reset: with
-Σ' = Lᵀ Σ R in new coordinates (conversion: L = U, R = V; rotation and cut: L = P[:, :k],
-R = Q[:, :k]) the gradient transforms exactly the same way, so the first moment (and SGD's
-momentum) becomes Lᵀ m R exactly; the second moment, a running mean of squared gradients,
-becomes (L∘L)ᵀ v (R∘R) (exact when the gradient's entries are uncorrelated, always ≥ 0);
-the step count is kept. ``moments="reset"`` drops the state of W / Σ instead (the official
-code resets at conversion and slices the unrotated moments at cuts).
+Optimizer state. At conversion Σ takes W's place in its parameter group (weight decay and
+lr_scale kept); Σ is resized in place at cuts. ``moments="transform"`` (ours) maps Adam's
+moments into the new coordinates (spectra.methods.optim_state: exact for the first moment),
+``"official"`` zeroes them at conversion keeping the step count and slices the unrotated
+moments at cuts, ``"reset"`` drops them. ``freeze_bias`` stops training a converted layer's bias
+(the official layer wraps it in a new Parameter its optimizer never sees).
+
+Every difference from the official code is an option; spectra.methods.oialr.methods names both
+sets as presets (docs/oialr.md has the table).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from spectra.methods.registry import Method, adamw_for
-from spectra.methods.optim_state import FIRST_MOMENTS, SECOND_MOMENTS
+from spectra.methods.clock import ForwardClock, check_count
+from spectra.methods.modules import replace_module, trainable_count
 from spectra.methods.oialr.layers import SVDLayer, to_svd_layer
-from spectra.methods.oialr.trigger import StabilityTrigger
+from spectra.methods.optim_state import StateMap, remap_state, replace_parameter
 
-MOMENTS = ("transform", "reset")
+MOMENTS = {"transform": ("transform", "transform"), "official": ("zero", "slice"),
+           "reset": ("reset", "reset")}  # option → (policy at conversion, policy at cuts)
+KEEP_AMONG = ("all", "eligible")
 _DENSE = (nn.Linear, nn.Conv2d)
 
 
 class Trigger(Protocol):
-    """Decides when a full-rank candidate layer converts to U Σ Vᵀ."""
+    """Decides when a full-rank candidate layer converts to U Σ Vᵀ; a controller
+    (spectra.methods.registry.Controller) whose call also sets ``ready``."""
 
-    def ready(self, step: int, path: str, layer: nn.Module) -> bool:
-        """Called after every optimizer step for each layer still at full rank."""
+    ready: list[str]
+    """The watched paths found ready at the last call; they are no longer watched."""
 
-    def scalars(self) -> dict[str, float]:
-        """What the trigger measured, to record (may be empty)."""
+    def watch(self, model: nn.Module, paths: Sequence[str]) -> None:
+        """Decide for the dense layers at ``paths`` of ``model`` from now on."""
+
+    def __call__(self, step: int) -> dict[str, float]:
+        """Called after every optimizer step (and at step 0); sets ``ready``."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
 class FixedDelay:
@@ -59,29 +74,42 @@ class FixedDelay:
         if not isinstance(delay, int) or delay < 0:
             raise ValueError(f"delay={delay!r}; must be an int >= 0 (optimizer steps)")
         self.delay = delay
+        self.watched: list[str] = []
+        self.ready: list[str] = []
 
-    def ready(self, step: int, path: str, layer: nn.Module) -> bool:
-        return step >= self.delay
+    def watch(self, model: nn.Module, paths: Sequence[str]) -> None:
+        self.watched = list(paths)
 
-    def scalars(self) -> dict[str, float]:
+    def __call__(self, step: int) -> dict[str, float]:
+        self.ready = self.watched if step >= self.delay else []
+        self.watched = [path for path in self.watched if path not in self.ready]
         return {}
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"watched": list(self.watched)}
 
-def next_rank(s: torch.Tensor, rank: int, beta: float, min_rank: int) -> int:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.watched = list(state["watched"])
+
+
+def cut_rank(s: torch.Tensor, rank: int, beta: float, min_rank: int) -> int:
     """OIALR's cut: the number of singular values σ ≥ β·σ_1 in ``s`` (k,) descending, but at
     least ⌊rank / 2⌋ (at most half cut per update) and ``min_rank``; never above ``rank``."""
     above = int((s >= beta * s[0]).sum())
     return min(rank, max(above, rank // 2, min_rank))
 
 
-def oialr_candidates(model: nn.Module, *, keep_first: bool = True,
-                     keep_last: bool = True) -> list[str]:
+def oialr_candidates(model: nn.Module, *, keep_first: bool = False, keep_last: bool = True,
+                     keep_among: str = "all") -> list[str]:
     """Module paths of the layers OIALR may factorise, in model order (module docstring)."""
-    dense = [(path, m) for path, m in model.named_modules()
+    if keep_among not in KEEP_AMONG:
+        raise ValueError(f"keep_among={keep_among!r}; accepted: {KEEP_AMONG}")
+    dense = [path for path, m in model.named_modules()
              if isinstance(m, _DENSE) and not isinstance(m, SVDLayer)]
-    kept = {dense[0][0] if keep_first and dense else None,
-            dense[-1][0] if keep_last and dense else None}
-    return [path for path, m in dense if path not in kept and _eligible(m)]
+    eligible = [path for path in dense if _eligible(model.get_submodule(path))]
+    pool = dense if keep_among == "all" else eligible
+    kept = set(pool[:1] if keep_first else []) | set(pool[-1:] if keep_last else [])
+    return [path for path in eligible if path not in kept]
 
 
 def _matrix_shape(layer: nn.Module) -> tuple[int, int]:
@@ -101,10 +129,8 @@ def convert_layers(model: nn.Module, paths: list[str]) -> dict[str, SVDLayer]:
     before ``load_state_dict`` (the layers take the checkpoint's ranks)."""
     converted = {}
     for path in paths:
-        parent_path, _, name = path.rpartition(".")
-        layer = to_svd_layer(model.get_submodule(path))
-        setattr(model.get_submodule(parent_path), name, layer)
-        converted[path] = layer
+        converted[path] = to_svd_layer(model.get_submodule(path))
+        replace_module(model, path, converted[path])
     return converted
 
 
@@ -115,77 +141,112 @@ class OIALR:
     Args:
         model: the model (layers are replaced in place, at their module paths).
         optimizer: the optimizer training ``model``; kept consistent (module docstring).
-        trigger: when each candidate converts (FixedDelay or oialr_trigger.StabilityTrigger).
+        trigger: when each candidate converts (FixedDelay or trigger.StabilityTrigger).
         beta: cut the singular values of Σ below beta·σ_1, in (0, 1).
-        frequency: optimizer steps between two rotate-and-cut updates of a converted layer.
+        frequency: ticks between two rotate-and-cut updates of a converted layer.
         min_rank_fraction: ranks never fall below max(1, ⌊fraction·min(m, n)⌋).
-        keep_first, keep_last: keep the model's first / last Linear or Conv2d at full rank.
-        moments: "transform" or "reset" the optimizer state at conversion and cuts.
+        keep_first, keep_last, keep_among: which layers stay dense (module docstring).
+        moments: "transform", "official" or "reset" (module docstring).
+        count: what a tick is, "steps" or "forwards" (training forward calls of ``model``).
+        cut_at_conversion: a first rotate-and-cut at the conversion tick itself.
+        phase_in: None (every converted layer takes part in every update) or the official
+            fraction p: at the n-th update only the last n·⌊(L − 1)·p⌋ of the L converted
+            layers do (all of them while that is 0).
+        freeze_bias: stop training a converted layer's bias.
 
     Scalars: ``rank.<path>`` per candidate (min(m, n) before conversion), ``converted_at.<path>``
-    (the step it converted, once it has), ``trainable_params``, ``trainable_percent`` (of the
+    (the tick it converted, once it has), ``trainable_params``, ``trainable_percent`` (of the
     model's trainable parameters before conversion), and the trigger's scalars.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, trigger: Trigger, *,
                  beta: float = 0.2, frequency: int = 100, min_rank_fraction: float = 0.01,
-                 keep_first: bool = True, keep_last: bool = True, moments: str = "transform"):
+                 keep_first: bool = False, keep_last: bool = True, keep_among: str = "all",
+                 moments: str = "transform", count: str = "steps",
+                 cut_at_conversion: bool = False, phase_in: float | None = None,
+                 freeze_bias: bool = False):
         if not 0.0 < beta < 1.0:
             raise ValueError(f"beta={beta!r}; must be in (0, 1) (cut σ < beta·σ_1)")
         if not isinstance(frequency, int) or frequency < 1:
-            raise ValueError(f"frequency={frequency!r}; must be an int >= 1 (optimizer steps)")
+            raise ValueError(f"frequency={frequency!r}; must be an int >= 1 (ticks)")
         if not 0.0 <= min_rank_fraction <= 1.0:
             raise ValueError(f"min_rank_fraction={min_rank_fraction!r}; must be in [0, 1]")
         if moments not in MOMENTS:
-            raise ValueError(f"moments={moments!r}; accepted: {MOMENTS}")
-        for name, value in (("keep_first", keep_first), ("keep_last", keep_last)):
+            raise ValueError(f"moments={moments!r}; accepted: {tuple(MOMENTS)}")
+        if phase_in is not None and not 0.0 < phase_in <= 1.0:
+            raise ValueError(f"phase_in={phase_in!r}; must be None or in (0, 1]")
+        check_count(count)
+        for name, value in (("keep_first", keep_first), ("keep_last", keep_last),
+                            ("cut_at_conversion", cut_at_conversion),
+                            ("freeze_bias", freeze_bias)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name}={value!r}; must be True or False")
         self.model, self.optimizer, self.trigger = model, optimizer, trigger
         self.beta, self.frequency, self.moments = beta, frequency, moments
-        self.min_rank_fraction = min_rank_fraction
-        self.candidates = oialr_candidates(model, keep_first=keep_first, keep_last=keep_last)
-        self.pending = list(self.candidates)
-        if not self.pending:
+        self.min_rank_fraction, self.phase_in = min_rank_fraction, phase_in
+        self.cut_at_conversion, self.freeze_bias = cut_at_conversion, freeze_bias
+        self.candidates = oialr_candidates(model, keep_first=keep_first, keep_last=keep_last,
+                                           keep_among=keep_among)
+        if not self.candidates:
             layers = [p for p, m in model.named_modules() if isinstance(m, _DENSE)]
             raise ValueError(f"{type(model).__name__} has no layer OIALR can factorise "
-                             f"(keep_first={keep_first}, keep_last={keep_last}); its "
-                             f"Linear/Conv2d layers: {layers}")
+                             f"(keep_first={keep_first}, keep_last={keep_last}, "
+                             f"keep_among={keep_among!r}); its Linear/Conv2d layers: {layers}")
         self.converted_at: dict[str, int] = {}
-        self.full_params = _trainable(model)
-        self._convert_ready(0)
+        self.updates = 0  # rotate-and-cut rounds so far (what phase_in counts)
+        self.full_params = trainable_count(model)
+        self.trigger.watch(model, self.candidates)
+        self._trigger_scalars: dict[str, float] = {}
+        self.clock = ForwardClock(model, self._tick, training_only=True) \
+            if count == "forwards" else None
+        self._tick(0)
 
     def __call__(self, step: int) -> dict[str, float]:
-        self._convert_ready(step)
-        for path, start in self.converted_at.items():
-            if step > start and (step - start) % self.frequency == 0:
-                self.cut(path)
+        """After optimizer step ``step``: act (counting steps), return the scalars."""
+        if self.clock is None:
+            self._tick(step)
         return self.scalars()
 
-    def _convert_ready(self, step: int) -> None:
-        for path in list(self.pending):
-            if self.trigger.ready(step, path, self.model.get_submodule(path)):
-                self.convert(path, step)
+    def _tick(self, tick: int) -> None:
+        self._trigger_scalars = self.trigger(tick)
+        for path in self.trigger.ready:
+            self.convert(path, tick)
+        due = [path for path, start in self.converted_at.items()
+               if (tick > start or self.cut_at_conversion and tick == start)
+               and (tick - start) % self.frequency == 0]
+        if due:
+            self.updates += 1
+            taking_part = self._phased_in()
+            for path in due:
+                if path in taking_part:
+                    self.cut(path)
 
-    def convert(self, path: str, step: int) -> None:
+    def _phased_in(self) -> set[str]:
+        """The converted layers that take part in the current update (``phase_in``)."""
+        converted = [path for path in self.candidates if path in self.converted_at]
+        if self.phase_in is None:
+            return set(converted)
+        last = self.updates * int((len(converted) - 1) * self.phase_in)
+        return set(converted[-last:] if last else converted)
+
+    def convert(self, path: str, tick: int) -> None:
         """Replace the dense layer at ``path`` by U Σ Vᵀ; W's optimizer state goes to Σ."""
         dense = self.model.get_submodule(path)
         (layer,) = convert_layers(self.model, [path]).values()
-        _swap_parameter(self.optimizer, dense.weight, layer.sigma)
-        self._carry_state(dense.weight, layer.sigma, layer.u.double(), layer.v.double())
-        self.pending.remove(path)
-        self.converted_at[path] = step
+        replace_parameter(self.optimizer, dense.weight, layer.sigma)
+        matrix = StateMap(layer.sigma, left=layer.u.double(), right=layer.v.double(),
+                          source=dense.weight)
+        remap_state(self.optimizer, [matrix], moments=MOMENTS[self.moments][0])
+        if self.freeze_bias and layer.bias is not None:
+            _drop_parameter(self.optimizer, layer.bias)
+            layer.bias.requires_grad_(False)
+        self.converted_at[path] = tick
 
     def cut(self, path: str) -> None:
         """Rotate the layer at ``path`` so Σ is diagonal, then cut its rank by the rule."""
         layer = self.model.get_submodule(path)
-        p, q = layer.rotate()
-        rank = next_rank(torch.diagonal(layer.sigma.detach()), layer.rank, self.beta,
-                         self.min_rank(layer))
-        old = layer.sigma
-        layer.truncate(rank)
-        _swap_parameter(self.optimizer, old, layer.sigma)
-        self._carry_state(old, layer.sigma, p[:, :rank], q[:, :rank])
+        rank = cut_rank(layer.singular_values(), layer.rank, self.beta, self.min_rank(layer))
+        remap_state(self.optimizer, layer.truncate(rank), moments=MOMENTS[self.moments][1])
 
     def min_rank(self, layer: SVDLayer) -> int:
         """The smallest rank a layer may be cut to."""
@@ -198,103 +259,37 @@ class OIALR:
             layer = self.model.get_submodule(path)
             rank = layer.rank if isinstance(layer, SVDLayer) else min(_matrix_shape(layer))
             out[f"rank.{path}"] = float(rank)
-        for path, step in self.converted_at.items():
-            out[f"converted_at.{path}"] = float(step)
-        trainable = _trainable(self.model)
+        for path, tick in self.converted_at.items():
+            out[f"converted_at.{path}"] = float(tick)
+        trainable = trainable_count(self.model)
         out["trainable_params"] = float(trainable)
         out["trainable_percent"] = 100.0 * trainable / self.full_params
-        return {**out, **self.trigger.scalars()}
+        return {**out, **self._trigger_scalars}
 
-    def _carry_state(self, old: nn.Parameter, new: nn.Parameter, left: torch.Tensor,
-                     right: torch.Tensor) -> None:
-        """Move ``old``'s optimizer state to ``new`` (Σ' = leftᵀ · old · right), or reset it."""
-        state = self.optimizer.state.pop(old, None)
-        if not state or self.moments == "reset":
-            return
-        carried = {}
-        for key, value in state.items():
-            if key in FIRST_MOMENTS:
-                carried[key] = _transform(value, left, right)
-            elif key in SECOND_MOMENTS:
-                carried[key] = _transform(value, left**2, right**2)
-            elif isinstance(value, torch.Tensor) and value.numel() > 1:
-                raise ValueError(f"optimizer state {key!r} of shape {tuple(value.shape)}: no "
-                                 f"known transformation to Σ's coordinates; supported: "
-                                 f"{FIRST_MOMENTS + SECOND_MOMENTS} (or moments='reset')")
-            else:
-                carried[key] = value
-        self.optimizer.state[new] = carried
+    def state_dict(self) -> dict[str, Any]:
+        """The conversion ticks, the update count, the forward count and the trigger's state
+        (ranks and factors are in the model's state dict, moments in the optimizer's)."""
+        return {"converted_at": dict(self.converted_at), "updates": self.updates,
+                "forwards": None if self.clock is None else self.clock.count,
+                "trigger": self.trigger.state_dict(),
+                "trigger_scalars": dict(self._trigger_scalars)}
 
-
-def _transform(value: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """leftᵀ · value · right in float64, with value read as a matrix (m, n); back in its dtype."""
-    matrix = value.double().reshape(left.shape[0], right.shape[0])
-    return (left.T @ matrix @ right).to(value.dtype).contiguous()
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Convert the layers the checkpoint had converted (at full rank: loading the model's
+        state dict then sets their ranks and values), restore the rest."""
+        for path, tick in state["converted_at"].items():
+            if path not in self.converted_at:
+                self.convert(path, int(tick))
+        self.converted_at = {path: int(tick) for path, tick in state["converted_at"].items()}
+        self.updates = int(state["updates"])
+        if self.clock is not None:
+            self.clock.load_state_dict({"count": state["forwards"]})
+        self.trigger.load_state_dict(state["trigger"])
+        self._trigger_scalars = dict(state["trigger_scalars"])
 
 
-def _swap_parameter(optimizer: torch.optim.Optimizer, old: nn.Parameter,
-                    new: nn.Parameter) -> None:
-    """Put ``new`` where ``old`` is in the optimizer's parameter groups."""
+def _drop_parameter(optimizer: torch.optim.Optimizer, param: nn.Parameter) -> None:
+    """Remove ``param`` (and its state) from the optimizer."""
     for group in optimizer.param_groups:
-        for i, param in enumerate(group["params"]):
-            if param is old:
-                group["params"][i] = new
-                return
-    raise ValueError("the optimizer does not train the weight of a layer OIALR converts; "
-                     "build the optimizer from model.parameters() before the controller")
-
-
-def _trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-_CONTROLLER_OPTIONS = ("beta", "min_rank_fraction", "keep_first", "keep_last", "moments")
-
-
-def _build(name: str, model: nn.Module, lr: float, weight_decay: float, trigger: Trigger,
-           frequency: int, options: dict[str, Any], accepted: tuple[str, ...]) -> Method:
-    unknown = sorted(set(options) - set(_CONTROLLER_OPTIONS))
-    if unknown:
-        raise ValueError(f"method {name!r}: unknown option(s) {unknown}; accepted: "
-                         f"{sorted(accepted + _CONTROLLER_OPTIONS)}")
-    optimizer = adamw_for(model, lr, weight_decay)
-    controller = OIALR(model, optimizer, trigger, frequency=frequency, **options)
-    return Method(name, model, optimizer, controller)
-
-
-def _default_frequency(total_steps: int) -> int:
-    return max(1, total_steps // 30)
-
-
-def oialr_method(model: nn.Module, *, lr: float, weight_decay: float, total_steps: int,
-                 delay: int | None = None, frequency: int | None = None,
-                 **options: Any) -> Method:
-    """OIALR with the paper's fixed delay, trained by AdamW (spectra.methods.registry.adamw_for).
-
-    delay: full-rank steps before conversion (default ⌊total_steps / 3⌋); frequency: steps
-    between rank updates (default max(1, ⌊total_steps / 30⌋)): for the 30-epoch MNIST run,
-    conversion at epoch 10 and a cut every epoch, the calibration of docs/architecture.md §7. Other options
-    (beta, min_rank_fraction, keep_first, keep_last, moments): see OIALR.
-    """
-    delay = total_steps // 3 if delay is None else delay
-    frequency = _default_frequency(total_steps) if frequency is None else frequency
-    return _build("oialr", model, lr, weight_decay, FixedDelay(delay), frequency, options,
-                  ("delay", "frequency"))
-
-
-def oialr_stability_method(model: nn.Module, *, lr: float, weight_decay: float,
-                           total_steps: int, frequency: int | None = None,
-                           check_every: int = 50, k: int = 8, threshold: float = 1e-3,
-                           window: int = 3, **options: Any) -> Method:
-    """OIALR where each layer converts when its measured basis stability has settled
-    (spectra.methods.oialr.trigger.StabilityTrigger), trained by AdamW; no delay.
-
-    frequency: steps between rank updates (default max(1, ⌊total_steps / 30⌋)); check_every,
-    k, threshold, window: see StabilityTrigger (the defaults: the top-8 bases turned by less
-    than 1e-3 in 1 − s over 50 steps at 3 checks in a row). Other options (beta,
-    min_rank_fraction, keep_first, keep_last, moments): see OIALR.
-    """
-    frequency = _default_frequency(total_steps) if frequency is None else frequency
-    trigger = StabilityTrigger(check_every, k=k, threshold=threshold, window=window)
-    return _build("oialr-stability", model, lr, weight_decay, trigger, frequency, options,
-                  ("frequency", "check_every", "k", "threshold", "window"))
+        group["params"] = [p for p in group["params"] if p is not param]
+    optimizer.state.pop(param, None)

@@ -13,8 +13,9 @@ Parameter (the same object as the dense layer's, so it keeps training and keeps 
 state). Two in-place operations serve the OIALR controller:
 
 - ``rotate()``: SVD of Σ = P diag(s) Qᵀ; U ← U P, V ← V Q, Σ ← diag(s). W is unchanged.
-- ``truncate(rank)``: keep the leading ``rank`` columns of U, V and block of Σ (after
-  ``rotate`` these are the top singular triplets of W); Σ becomes a new Parameter.
+- ``truncate(rank)``: rotate, then keep the top ``rank`` singular triplets (the best rank-r
+  approximation of W); Σ is resized in place (spectra.methods.modules.resize_parameter, the
+  optimizer keeps its reference) and the returned StateMap carries its optimizer state.
 
 SVDs run through spectra.core.linalg in float64; U, V, Σ are stored in the dense layer's dtype.
 """
@@ -26,6 +27,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from spectra.core.linalg import batched_svd
+from spectra.methods.modules import resize_parameter
+from spectra.methods.optim_state import StateMap
 
 
 class SVDLayer(nn.Module):
@@ -66,29 +69,34 @@ class SVDLayer(nn.Module):
         self.sigma.copy_(torch.diag(s))
         return p, q
 
-    @torch.no_grad()
-    def truncate(self, rank: int) -> None:
-        """Keep the leading ``rank`` columns of U and V and the leading rank × rank block of Σ.
+    def singular_values(self) -> torch.Tensor:
+        """The singular values of Σ (those of W), descending, (k,) float64."""
+        with torch.no_grad():
+            return batched_svd(self.sigma.detach().double()[None], compute="values").S[0]
 
-        Σ becomes a new Parameter (resizing a Parameter in place breaks autograd while a graph
-        that used it is alive): swap it into the optimizer (the controller does).
-        """
+    @torch.no_grad()
+    def truncate(self, rank: int) -> list[StateMap]:
+        """Keep the top ``rank`` singular triplets of W: rotate (Σ diagonal), then the leading
+        ``rank`` columns of U and V and the leading rank × rank block of Σ. Returns the
+        StateMap of Σ (Σ' = P_rᵀ Σ Q_r) for spectra.methods.optim_state.remap_state."""
         if not 1 <= rank <= self.rank:
             raise ValueError(f"rank={rank}; must be in [1, {self.rank}] (ranks never grow)")
+        p, q = self.rotate()
         self.u = self.u[:, :rank].contiguous()
         self.v = self.v[:, :rank].contiguous()
-        self.sigma = nn.Parameter(self.sigma[:rank, :rank].clone())
+        resize_parameter(self.sigma, self.sigma[:rank, :rank].clone())
+        return [StateMap(self.sigma, left=p[:, :rank], right=q[:, :rank])]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A checkpoint may hold a smaller rank than this layer: take its shapes first.
+        # A checkpoint may hold a smaller rank than this layer: take its shapes first (Σ in
+        # place, so an optimizer built before loading keeps training it).
         for name in ("u", "v"):
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name], dtype=self.u.dtype,
                                                      device=self.u.device))
         if prefix + "sigma" in state_dict:
-            self.sigma = nn.Parameter(torch.empty_like(state_dict[prefix + "sigma"],
-                                                       dtype=self.sigma.dtype,
-                                                       device=self.sigma.device))
+            resize_parameter(self.sigma, torch.zeros_like(state_dict[prefix + "sigma"],
+                                                          device=self.sigma.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 

@@ -9,23 +9,25 @@ Around a main setting (depth D, α, optimizer, width, teacher, seed) it records
 then runs C1 and C2 on the runs at α, C3–C5 on the main run, its other-depth companion (C3) and
 the largest α of the sweep, and the sweep checks (C2 slope over α ≤ 0.2, C4 vs α, C6).
 
-What theory expects of each row (``CheckResult.expected``): C1 holds for α^D ≤ 0.4 (docs/architecture.md §5);
-C2 holds for gd and sgd, and breaks for adam (no 1/s law); C3 holds where the reduced flow
-predicts separated steps (separation ≥ 1.2) and breaks where it predicts overlapping ones
-(< 1); C4 holds for α^D ≤ 0.002·s_r ("small α"; measured ≤ 4° at α = 0.1, D = 3,
-but up to 6.8° at α = 0.2) and breaks for α^D ≥ s_r, the init as large as the weakest mode;
-C5 holds for α^D ≤ 0.01·s_r ("moderate α"; measured, the product breaks it at
-α^D ≈ s_r/3, see docs/theory.md); the sweep checks hold. Elsewhere no claim.
+What theory expects of each row (``CheckResult.expected``, derived by :func:`check_runs` from
+the settings and the closed forms, never written per row): C1 holds for α^D ≤ 0.4
+(docs/architecture.md §5); C2 holds for gd and sgd, and breaks for adam (no 1/s law); C3 holds
+where the reduced flow predicts separated steps (separation ≥ 1.2) and breaks where it predicts
+overlapping ones (< 1); C4 holds for α^D ≤ 0.002·s_r ("small α") and breaks for α^D ≥ s_r, the
+init as large as the weakest mode; C5 holds for α^D ≤ 0.01·s_r ("moderate α"); C4 vs α holds;
+C6 holds where the closed form's separation crosses 1 within the sweep and breaks where it
+does not. Elsewhere no claim. The measurements behind these bounds: docs/theory.md.
 """
 
 from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from spectra.core.threads import TRAINING_THREADS, torch_threads
 from spectra.store import is_run_store
 from spectra.methods.theory import checks
 from spectra.methods.theory.checks import CheckResult
@@ -54,22 +56,51 @@ class SuiteResult:
 
 def run_suite(out: str | Path, *, depth: int = 3, alpha: float = 0.1, optimizer: str = "gd",
               width: int = 32, teacher: Sequence[float] = (8.0, 4.0, 2.0, 1.0), seed: int = 0,
-              alphas: Sequence[float] = SWEEP_ALPHAS, quiet: bool = False) -> SuiteResult:
+              alphas: Sequence[float] = SWEEP_ALPHAS, quiet: bool = False,
+              threads: int | None = TRAINING_THREADS) -> SuiteResult:
     """Record the suite's runs into ``out`` (one store per setting, replaced if it exists) and
-    check them. Returns the rows and the measured runs."""
+    check them. Returns the rows and the measured runs. ``threads``: torch threads while
+    training (spectra.core.threads; None leaves torch's setting alone)."""
     start = time.perf_counter()
     main = Setting(depth=depth, alpha=alpha, optimizer=optimizer, width=width,
                    teacher=tuple(teacher), seed=seed)
-    companion = replace(main, depth=3 if depth == 2 else 2, optimizer="gd")
-    others = [replace(main, optimizer=name) for name in OPTIMIZERS if name != optimizer]
-    sweep = [replace(main, optimizer="gd", alpha=a) for a in sorted({*alphas, alpha})]
-    lazy = sweep[-1]
-    runs = {setting: _recorded(setting, Path(out), layers=setting in (main, lazy), quiet=quiet)
-            for setting in dict.fromkeys([main, companion, *others, *sweep])}
+    plan = suite_settings(main, alphas)
+    lazy = plan["sweep"][-1]
+    with torch_threads(threads):
+        runs = {setting: _recorded(setting, Path(out), layers=setting in (main, lazy),
+                                   quiet=quiet)
+                for setting in dict.fromkeys([main, *plan["companion"], *plan["others"],
+                                              *plan["sweep"]])}
+    rows = check_runs(runs, main, alphas)
+    (companion,) = plan["companion"]
+    return SuiteResult(rows=rows, runs={s.name: run for s, run in runs.items()},
+                       main=runs[main], companion=runs[companion],
+                       sweep=[runs[s] for s in plan["sweep"]],
+                       seconds=time.perf_counter() - start)
 
+
+def suite_settings(main: Setting,
+                   alphas: Sequence[float] = SWEEP_ALPHAS) -> dict[str, list[Setting]]:
+    """The runs the suite checks around ``main``: its other-depth ``companion`` (gradient
+    descent), the ``others`` optimizers, and the gradient-descent ``sweep`` over ``alphas``
+    (and main's α), ascending."""
+    return {"companion": [replace(main, depth=3 if main.depth == 2 else 2, optimizer="gd")],
+            "others": [replace(main, optimizer=name) for name in OPTIMIZERS
+                       if name != main.optimizer],
+            "sweep": [replace(main, optimizer="gd", alpha=a)
+                      for a in sorted({*alphas, main.alpha})]}
+
+
+def check_runs(runs: Mapping[Setting, Trajectory], main: Setting,
+               alphas: Sequence[float] = SWEEP_ALPHAS) -> list[CheckResult]:
+    """C1–C6 on the measured runs of ``suite_settings(main, alphas)`` (``runs`` by setting),
+    each row with what theory expects of it (module docstring), sorted by check."""
+    plan = suite_settings(main, alphas)
+    (companion,) = plan["companion"]
+    sweep, lazy = plan["sweep"], plan["sweep"][-1]
     rows = []
-    for setting in [main, companion, *others]:
-        rows += [_expect(checks.order(runs[setting]), alpha ** setting.depth <= 0.4 or None),
+    for setting in [main, companion, *plan["others"]]:
+        rows += [_expect(checks.order(runs[setting]), main.alpha ** setting.depth <= 0.4 or None),
                  _expect(checks.timing(runs[setting]), setting.optimizer != "adam")]
     small = [runs[s] for s in sweep if s.alpha <= SLOPE_MAX_ALPHA]
     if len(small) >= 2:
@@ -85,12 +116,10 @@ def run_suite(out: str | Path, *, depth: int = 3, alpha: float = 0.1, optimizer:
         rows += [_expect(checks.alignment(run), aligned),
                  _expect(checks.updates_vs_weights(run), init <= SMALL_INIT or None)]
     swept = [runs[s] for s in sweep]
+    predicted = [checks.separation(run, predicted=True) for run in swept]
     rows += [_expect(checks.alignment_growth(swept), True),
-             _expect(checks.init_sweep(swept), True)]
-    rows.sort(key=lambda row: row.check)  # stable: within a check, in the order run above
-    return SuiteResult(rows=rows, runs={s.name: run for s, run in runs.items()},
-                       main=runs[main], companion=runs[companion], sweep=swept,
-                       seconds=time.perf_counter() - start)
+             _expect(checks.init_sweep(swept), predicted[0] > 1 > predicted[-1])]
+    return sorted(rows, key=lambda row: row.check)  # stable: within a check, in the order above
 
 
 def _recorded(setting: Setting, out: Path, *, layers: bool, quiet: bool) -> Trajectory:
