@@ -1,6 +1,7 @@
 """The Recorder: snapshots against weights captured independently, schedules, resume, failures."""
 
 import errno
+import os
 import threading
 import warnings
 
@@ -436,3 +437,33 @@ def test_a_failed_resume_keeps_the_existing_store(tiny, tmp_path):
         Recorder(TinyNet(), tmp_path / "r.zarr").start()
     assert not _writer_threads()
     np.testing.assert_array_equal(spectra.open_run(tmp_path / "r.zarr").steps, [0, 1, 2])
+
+
+def test_a_start_failing_after_it_opened_a_resumed_store_leaves_it_unlocked_and_its_data_as_is(
+        tiny, tmp_path, monkeypatch):
+    """The failure comes after the store was opened and locked (the first snapshot of a
+    resumed store at a new start_step): the lock is given back, no snapshot is written."""
+    from spectra.store.lock import read_holder
+    model, opt, gen = tiny
+    path = tmp_path / "r.zarr"
+    with Recorder(model, path, every=1) as rec:
+        train_steps(model, opt, 2, gen, lambda k, loss: rec.step())
+    before = {name: spectra.open_run(path).weights(name, 2) for name in rec.params}
+
+    def broken_capture(self, scalars, collected=None):
+        assert read_holder(path)["pid"] == os.getpid() and "released_unix" not in read_holder(path)
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(Recorder, "_capture", broken_capture)
+    with pytest.raises(RuntimeError, match="device lost"):
+        Recorder(model, path, every=1, start_step=5, optimizer=opt).start()
+    assert "released_unix" in read_holder(path)
+    assert not _writer_threads() and not opt._optimizer_step_post_hooks
+    run = spectra.open_run(path)
+    np.testing.assert_array_equal(run.steps, [0, 1, 2])
+    for name, weights in before.items():
+        np.testing.assert_array_equal(run.weights(name, 2), weights)
+    monkeypatch.undo()
+    with Recorder(model, path, every=1, start_step=5):  # the store is free again
+        pass
+    np.testing.assert_array_equal(spectra.open_run(path).steps, [0, 1, 2, 5])

@@ -182,12 +182,16 @@ class Recorder:
     def start(self) -> "Recorder":
         """Open (or resume) the store, take the first snapshot, start the writer thread.
 
-        If anything fails, no thread or hook is left behind, nor a store this call created.
+        If anything fails, no thread or hook is left behind, nor a store this call created, and
+        the store's lock is released. An existing store is left as it was, but for the record
+        of this resume (attrs["spectra"]["resumes"]) when the failure comes after the opening.
         """
         if self._started or not (self.active or self.sharded):
             return self
         made = _made_by_start(self.location) if self.active else None
         try:
+            if self.optimizer is not None:  # first: an optimizer that refuses changes nothing
+                self._hook = self.optimizer.register_step_post_hook(lambda *_: self._advance({}))
             if self.sharded:
                 self._gather = ShardGather(self.matrices, self.timeout)
             weights = self._collect(self.start_step or 0)
@@ -197,8 +201,6 @@ class Recorder:
             if self.active:
                 self._writer = opened.writer
                 self._background = BackgroundWriter(self._writer, self.max_pending)
-            if self.optimizer is not None:
-                self._hook = self.optimizer.register_step_post_hook(lambda *_: self._advance({}))
             self._started = True
             if opened.snapshot_now:
                 self._capture({}, collected=(weights,))
