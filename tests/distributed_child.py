@@ -157,14 +157,14 @@ def sharded_failures_raise_on_every_rank(rank, world, port, folder):
     assert time.monotonic() - started < 15
 
     # 2. rank 0's writer fails at step 3: every rank raises at that snapshot
-    original = RunWriter.append
+    original = RunWriter.write  # what the Recorder's writer thread calls per snapshot
 
     def full_disk(self, step, *args, **kwargs):
         if step == 3:
             raise OSError(28, "No space left on device")
         return original(self, step, *args, **kwargs)
 
-    RunWriter.append = full_disk
+    RunWriter.write = full_disk
     rec = Recorder(model, folder / "full.zarr", every=1, timeout=20).start()
     try:
         _train(model, rec, 40, generator)
@@ -173,7 +173,7 @@ def sharded_failures_raise_on_every_rank(rank, world, port, folder):
         assert "No space left on device" in str(exc), exc
     finally:
         rec.close(raise_errors=False)
-        RunWriter.append = original
+        RunWriter.write = original
     dist.barrier()
     if rank == 0:
         assert list(spectra.open_run(folder / "full.zarr").steps) == [0, 1, 2]

@@ -137,3 +137,27 @@ def count_decompositions(monkeypatch):
 
     monkeypatch.setattr(extend, "series_svd", counting)
     return lambda: count[0]
+
+
+@pytest.mark.parametrize("scheme", ["memory", "file"])
+def test_stores_and_caches_at_urls_give_the_local_frame(tmp_path, scheme):
+    """A store at a URL is analyzed like a local one, its cache inside it (or at a URL of its
+    own), and the analyzers' lock files are the store's locks/<name>/zarr.json."""
+    make_store(tmp_path / "local.zarr", range(4)).close()
+    reference = analyze(tmp_path / "local.zarr", k=3, cache="memory", quiet=True)
+    url = (f"memory://{tmp_path.name}/run.zarr" if scheme == "memory"
+           else f"file://{tmp_path}/run.zarr")
+    make_store(url, range(4)).close()
+    same = dict(check_exact=False, rtol=1e-12, atol=1e-12)
+    frame = analyze(url, k=3, quiet=True)
+    pd.testing.assert_frame_equal(frame, reference, **same)
+    pd.testing.assert_frame_equal(analyze(url, k=3, quiet=True), reference, **same)  # cached
+    cache_url = f"memory://{tmp_path.name}/cache.zarr"
+    pd.testing.assert_frame_equal(analyze(tmp_path / "local.zarr", k=3, cache=cache_url,
+                                          quiet=True), reference, **same)
+    if scheme == "file":
+        locks = sorted(p.parent.name for p in (tmp_path / "run.zarr" / "locks").glob("*/zarr.json"))
+        assert locks == ["analysis-cache", "analysis-cache.k3.updates.v",
+                         "analysis-cache.k3.updates.w", "analysis-cache.k3.weights.v",
+                         "analysis-cache.k3.weights.w", "writer"]
+        assert not [p for p in (tmp_path / "run.zarr").rglob("*lock*") if "locks" not in p.parts]

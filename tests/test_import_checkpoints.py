@@ -115,6 +115,33 @@ def test_torch_state_dicts_import_bitwise_in_step_order(tmp_path):
     np.testing.assert_array_equal(typed.weights("conv.weight", 2), _as_stored(saved[6], "conv.weight"))
 
 
+def test_an_import_creates_atomically_and_gives_the_store_back_when_done_or_failed(tmp_path,
+                                                                                  monkeypatch):
+    from spectra.store import StoreLock, StoreLocked
+    from spectra.store.lock import read_holder
+    _tiny_series(tmp_path / "ckpt", (0, 3, 6))
+    files = sorted((tmp_path / "ckpt").glob("*.pt"))
+    store = tmp_path / "r.zarr"
+    spectra.import_checkpoints(files[:2], store, quiet=True)
+    assert "released_unix" in read_holder(store)  # closed: the writer lock is free
+    assert not list(tmp_path.glob(".r.zarr.*"))  # built aside, renamed into place
+    with StoreLock(store):  # a Recorder holding the store: the import is refused, unchanged
+        with pytest.raises(StoreLocked, match=f"held by process {os.getpid()}"):
+            spectra.import_checkpoints(files, store, quiet=True)
+    np.testing.assert_array_equal(spectra.open_run(store).steps, [0, 3])
+    monkeypatch.setattr(spectra.store.RunWriter, "append", _fail)
+    with pytest.raises(ValueError, match="disk full; .* keeps its 2 committed snapshots"):
+        spectra.import_checkpoints(files, store, quiet=True)
+    assert "released_unix" in read_holder(store)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(spectra.import_checkpoints(files, store, quiet=True).steps,
+                                  [0, 3, 6])
+
+
+def _fail(*args, **kwargs):
+    raise OSError("disk full")
+
+
 def test_nested_state_dicts_take_steps_from_their_metadata_and_lose_wrapper_prefixes(tmp_path):
     saved = _tiny_series(tmp_path / "plain", (0, 2, 4))
     folder = tmp_path / "nested"

@@ -13,6 +13,7 @@ from torch import nn
 import spectra
 from conftest import analyze_with_defaults
 from spectra.capture.recorder import Recorder
+from spectra.store import StoreError
 
 accelerate = pytest.importorskip("accelerate")
 pl = pytest.importorskip("lightning.pytorch")
@@ -207,6 +208,42 @@ def test_lightning_resume_from_checkpoint_continues_the_store(tmp_path):
     np.testing.assert_array_equal(run.steps, [0, 2, 4, 6])
     np.testing.assert_array_equal(run.weights("net.0.weight", 3), own.copies[6]["net.0.weight"].numpy())
     assert [r["step"] for r in run.attrs["resumes"]] == [4]
+
+
+def test_lightning_rewinds_or_overwrites_the_store_only_when_asked(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    saving = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=4, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[saving, LightningCallback(tmp_path / "r.zarr", every=1)])
+    trainer.fit(LitMLP(), _loader())
+    older = tmp_path / "ckpt" / "epoch=0-step=2.ckpt"
+    with pytest.raises(StoreError, match=r"start_step=2 is not after the last committed step 4"
+                       r".*pass rewind=True \(drops 2 snapshot\(s\): steps 3..4\)"):
+        _lightning([LightningCallback(tmp_path / "r.zarr", every=1)], max_steps=5).fit(
+            LitMLP(), _loader(), ckpt_path=older)
+    assert not _writer_threads()
+    np.testing.assert_array_equal(spectra.open_run(tmp_path / "r.zarr").steps, [0, 1, 2, 3, 4])
+
+    own, callback = OwnLightningCopies(), LightningCallback(tmp_path / "r.zarr", every=1,
+                                                           rewind=True)
+    _lightning([own, callback], max_steps=5).fit(LitMLP(), _loader(), ckpt_path=older)
+    run = spectra.open_run(callback.path)
+    np.testing.assert_array_equal(run.steps, [0, 1, 2, 3, 4, 5])
+    for t in (2, 3, 4, 5):  # step 2 kept, 3..5 recorded again from the older checkpoint
+        np.testing.assert_array_equal(run.weights("net.0.weight", t),
+                                      own.copies[t]["net.0.weight"].numpy())
+    (rewind,) = run.attrs["rewinds"]
+    assert (rewind["to_step"], rewind["from_step"], rewind["dropped"]) == (2, 4, 2)
+
+    own, callback = OwnLightningCopies(), LightningCallback(tmp_path / "r.zarr", every=2,
+                                                           overwrite=True)
+    _lightning([own, callback], max_steps=3).fit(LitMLP(), _loader())
+    run = spectra.open_run(callback.path)
+    np.testing.assert_array_equal(run.steps, [0, 2, 3])  # a new store: no rewinds, no resumes
+    assert "rewinds" not in run.attrs and "resumes" not in run.attrs
+    np.testing.assert_array_equal(run.init("net.0.weight"), own.copies[0]["net.0.weight"].numpy())
 
 
 # -- HF Trainer --------------------------------------------------------------------------------

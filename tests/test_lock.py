@@ -24,7 +24,7 @@ HOLD = textwrap.dedent("""
 """)
 
 
-def _holder(directory, seconds, name="writer.lock"):
+def _holder(directory, seconds, name="writer"):
     """A child process that holds the lock for ``seconds``; returns once it holds it."""
     proc = subprocess.Popen([sys.executable, "-c", HOLD, str(directory), name, str(seconds)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -68,7 +68,7 @@ def test_waiting_for_a_holder_that_releases(tmp_path):
 
 def test_a_clean_release_is_no_takeover_and_names_are_independent(tmp_path, recwarn):
     with StoreLock(tmp_path) as writer:
-        with StoreLock(tmp_path, name="analysis.lock", purpose="analysis cache"):
+        with StoreLock(tmp_path, name="analysis", purpose="analysis cache"):
             with pytest.raises(StoreLocked, match="writer lock is held by process"):
                 StoreLock(tmp_path).acquire()  # the same process, another open file: refused
         assert writer.still_ours()
@@ -77,14 +77,22 @@ def test_a_clean_release_is_no_takeover_and_names_are_independent(tmp_path, recw
     assert not [w for w in recwarn if "taking over" in str(w.message)]
 
 
+def _forge(directory, record):
+    """Write a holder's record into the lock file, as another host's process would."""
+    lock_file = directory / "locks" / "writer" / "zarr.json"
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    lock_file.write_text(json.dumps({"zarr_format": 3, "node_type": "group",
+                                     "attributes": {"lock": record}}))
+
+
 def test_another_hosts_record_is_refused_while_fresh_and_taken_over_when_stale(tmp_path):
     record = {"purpose": "writer", "host": "node-17", "pid": 4242, "started": "earlier",
               "started_unix": time.time() - 600, "heartbeat_unix": time.time() - 5}
-    (tmp_path / "writer.lock").write_text(json.dumps(record))
+    _forge(tmp_path, record)
     with pytest.raises(StoreLocked, match=r"process 4242 on node-17 .*last heartbeat 5 s ago"):
         StoreLock(tmp_path).acquire()
     record["heartbeat_unix"] = time.time() - STALE_AFTER - 1
-    (tmp_path / "writer.lock").write_text(json.dumps(record))
+    _forge(tmp_path, record)
     with pytest.warns(RuntimeWarning, match="left by process 4242 on node-17.*heartbeat"):
         StoreLock(tmp_path).acquire().release()
 
@@ -95,7 +103,7 @@ def test_the_holder_notices_its_directory_replaced(tmp_path):
     lock = StoreLock(store).acquire()
     store.rename(tmp_path / "moved.zarr")
     store.mkdir()
-    (store / "writer.lock").write_text("")
+    StoreLock(store).acquire().release()  # a new store with its own lock file
     assert not lock.still_ours()
     lock.moved_to(tmp_path / "moved.zarr")
     assert lock.still_ours()
@@ -159,3 +167,16 @@ def test_a_read_only_directory_is_named(tmp_path):
             StoreLock(tmp_path).acquire()
     finally:
         tmp_path.chmod(0o755)
+
+
+def test_locks_are_zarr_groups_that_name_their_holder(tmp_path):
+    import warnings
+
+    import zarr
+    zarr.open_group(tmp_path, mode="w").create_array("x", shape=(2,), dtype="f4")
+    with StoreLock(tmp_path) as lock:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # zarr warns about any foreign file in a group
+            root = zarr.open_group(tmp_path, mode="r")
+            assert sorted(root.group_keys()) == ["locks"] and list(root.array_keys()) == ["x"]
+            assert root["locks/writer"].attrs["lock"]["token"] == lock.record["token"]

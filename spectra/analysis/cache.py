@@ -1,7 +1,8 @@
 """The analysis cache: per-snapshot SVD results that analyze() reuses.
 
 Where it lives (:func:`open_cache`): in the run store's ``analysis/`` group (the default); in a
-zarr group of its own (``cache=PATH``, e.g. for a store someone else owns); or in memory
+zarr group of its own (``cache=PATH``, a path or an fsspec URL, e.g. for a store someone else
+owns); or in memory
 (``cache="memory"``, and automatically, with a warning, when the store cannot be written).
 Deleting it only costs recomputation. Layout::
 
@@ -21,9 +22,10 @@ different k keep their own entries.
 Concurrency (several analyze() processes, dask workers, a live store). Rows below ``length``
 are final: they are written before ``length`` is raised and never rewritten while they match
 the store. An entry is extended, cut back (when the store was cut back under it) and read only
-while its lock is held: a spectra.store.StoreLock named ``analysis-cache.k<k>.<target>.<param>`` in
-the store (or in the cache's own folder), an OS advisory lock that dies with its process (a
-killed worker's is taken over with a warning). Locking per entry lets several processes extend
+while its lock is held: a spectra.store.StoreLock named ``analysis-cache.k<k>.<target>.<param>``
+(the file ``locks/<name>/zarr.json`` of the store, or of the cache's own folder, like the
+writer's lock), an OS advisory lock that dies with its process (a killed worker's is taken over
+with a warning). Locking per entry lets several processes extend
 different entries at once; holding the lock while a chunk is computed means a second process
 waits for it and then finds the rows done, instead of computing them twice. A reader trusts rows below ``length`` whose (step, time) match the store's
 committed snapshots, and nothing else. Arrays are chunked by up to 32 snapshots (about 1 MB),
@@ -46,8 +48,8 @@ import numpy as np
 import zarr
 from zarr.storage import MemoryStore
 
-from spectra.store import Run, StoreLock, StoreReadOnly
-from spectra.store.format import open_root
+from spectra.store import ANALYSIS_LOCK, Location, Run, StoreLock, StoreReadOnly
+from spectra.store.format import open_root, open_zarr
 
 _DIMS = {"snapshot": ("snapshot", "field"), "sv": ("snapshot", "index"),
          "u": ("snapshot", "row", "component"), "vh": ("snapshot", "component", "col"),
@@ -55,7 +57,6 @@ _DIMS = {"snapshot": ("snapshot", "field"), "sv": ("snapshot", "index"),
 _MAX_CHUNK_ROWS = 32
 _CHUNK_BYTES = 2**20
 _READ_ONLY_ERRORS = (errno.EROFS, errno.EACCES, errno.EPERM)
-ANALYSIS_LOCK = "analysis-cache"  # the cache's lock names start with this
 
 
 class Entry:
@@ -128,11 +129,11 @@ class Entry:
 class AnalysisCache:
     """The cached SVD results of one run store, wherever they live (module docstring).
 
-    Use :func:`open_cache`; ``location`` says where (a store path, a cache path or None for
-    memory) and is what dask workers reopen it from.
+    Use :func:`open_cache`; ``location`` says where (the store's, a cache path's or URL's, or
+    None for memory) and is what dask workers reopen it from.
     """
 
-    def __init__(self, root: zarr.Group, location: Path | None, kind: str):
+    def __init__(self, root: zarr.Group, location: Location | None, kind: str):
         self._root = root
         self.location = location
         self.kind = kind  # "store", "path" or "memory"
@@ -166,31 +167,32 @@ class AnalysisCache:
             lock.release()
 
 
-def open_cache(run: Run, cache: str | Path | None = None) -> AnalysisCache:
+def open_cache(run: Run, cache: str | Path | Location | None = None) -> AnalysisCache:
     """The analysis cache of ``run``: in the store (``cache=None``; in memory with a warning if
-    the store cannot be written), at a path of its own, or in memory (``cache="memory"``)."""
+    the store cannot be written), at a path or fsspec URL of its own, or in memory
+    (``cache="memory"``)."""
     if isinstance(cache, str) and cache == "memory":
         return _in_memory(run)
     if cache is not None:
-        return _at_path(run, Path(cache))
+        return _at_path(run, Location.of(cache))
     try:
-        group = open_root(run.path, mode="r+").require_group("analysis")
-        _check_owner(group, run, run.path / "analysis")
-        _probe_lock(run.path)
+        group = open_root(run.location, mode="r+").require_group("analysis")
+        _check_owner(group, run, run.location.child("analysis"))
+        _probe_lock(run.location)
     except (OSError, StoreReadOnly) as exc:
         if isinstance(exc, OSError) and exc.errno not in _READ_ONLY_ERRORS:
             raise
         warnings.warn(f"{run.path} cannot be written ({exc}): its analysis is cached in memory "
                       "for this call only; pass cache=PATH to keep it", UserWarning, stacklevel=3)
         return _in_memory(run)
-    return AnalysisCache(group, run.path, "store")
+    return AnalysisCache(group, run.location, "store")
 
 
-def _at_path(run: Run, path: Path) -> AnalysisCache:
-    if path.resolve() == run.path.resolve():
+def _at_path(run: Run, path: Location) -> AnalysisCache:
+    if _same(path, run.location):
         raise ValueError(f"cache={path} is the store itself; pass None to cache inside it")
     try:
-        group = zarr.open_group(path, mode="a", use_consolidated=False)
+        group = open_zarr(path, mode="a")
         _check_owner(group, run, path)
         _probe_lock(path)
     except (zarr.errors.ContainsArrayError, zarr.errors.NodeTypeValidationError) as exc:
@@ -207,7 +209,13 @@ def _in_memory(run: Run) -> AnalysisCache:
     return AnalysisCache(group, None, "memory")
 
 
-def _check_owner(group: zarr.Group, run: Run, where: Path | None) -> None:
+def _same(a: Location, b: Location) -> bool:
+    if a.is_local and b.is_local:
+        return a.local.resolve() == b.local.resolve()
+    return a.url == b.url
+
+
+def _check_owner(group: zarr.Group, run: Run, where: Location | None) -> None:
     """Stamp an empty cache with its store's identity; refuse a cache of another store."""
     created = run.attrs.get("created_unix")
     owner = group.attrs.get("store")
@@ -219,7 +227,7 @@ def _check_owner(group: zarr.Group, run: Run, where: Path | None) -> None:
                          "pass another cache= path")
 
 
-def _probe_lock(location: Path) -> None:
+def _probe_lock(location: Location) -> None:
     """Take and give back the cache's lock: raises StoreReadOnly where it cannot be written
     (also on read-only mounts, which permission bits do not show)."""
     StoreLock(location, name=ANALYSIS_LOCK, purpose="analysis cache").acquire(math.inf).release()

@@ -29,7 +29,7 @@ def extend_on_cluster(client: Any, run: Run, cache: AnalysisCache,
     """Extend the entries in ``todo`` (param → {target: first missing row}) on ``client``."""
     from distributed import as_completed
 
-    where = (str(run.path), run.attrs.get("created_unix"),
+    where = (str(run.location), run.attrs.get("created_unix"),
              str(cache.location) if cache.kind == "path" else None)
     returned: dict[Any, tuple[str, str, int]] = {}  # rows coming back → (param, target, start)
     finished = as_completed()

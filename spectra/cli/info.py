@@ -10,7 +10,7 @@ import numpy as np
 
 def register(commands: argparse._SubParsersAction) -> None:
     info = commands.add_parser("info", help="describe a run store")
-    info.add_argument("store", type=Path)
+    info.add_argument("store", help="a run store (path or URL)")
     info.set_defaults(func=_info)
 
 
@@ -18,7 +18,8 @@ def _info(args: argparse.Namespace) -> None:
     from spectra.store import open_run
     run = open_run(args.store)
     meta = run.attrs
-    print(f"{run.path}  ({_size(run.path)} on disk)")
+    where = f"  ({_size(run.path)} on disk)" if run.location.is_local else ""
+    print(f"{run.path}{where}")
     print(f"  model {meta.get('model', '?')}, created {meta['created']}, schema {meta['schema']}")
     if "optimizer" in meta:
         print(f"  optimizer {meta['optimizer'].get('name')}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import ast
 import inspect
-import shutil
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -49,17 +48,15 @@ def _train(args: argparse.Namespace) -> None:
     if path.exists() and not args.overwrite:
         raise ValueError(f"{path} exists; pass --overwrite to replace it, or choose another "
                          "--out or --seed")
-    if path.exists():
-        _remove_store(path)
     try:
         if args.task == "gpt":
             result = gpt_run(args.method, path, options=options, quiet=args.quiet,
-                             threads=args.threads,
+                             threads=args.threads, overwrite=args.overwrite,
                              training=GPTTraining(steps=args.steps, seed=args.seed))
             score = f"validation {result.final['val_bpc']:.3f} bits/char"
         else:
             result = mlp_run(args.method, path, options=options, quiet=args.quiet,
-                             threads=args.threads,
+                             threads=args.threads, overwrite=args.overwrite,
                              training=ClassifierTraining(epochs=args.epochs, seed=args.seed))
             score = f"test accuracy {result.final['test_accuracy']:.4f}"
     except TypeError as exc:
@@ -69,14 +66,6 @@ def _train(args: argparse.Namespace) -> None:
                          f"{', '.join(method_options(args.method)) or 'none'}") from None
     extra = ", ".join(f"{k} {v:.4g}" for k, v in result.scalars.items())
     print(f"{args.method}: {score} in {result.seconds:.0f} s; {extra}\nrecorded: {path}")
-
-
-def _remove_store(path: Path) -> None:
-    from spectra.store import is_run_store
-    if not is_run_store(path):
-        raise ValueError(f"{path} exists and is not a run store; --overwrite replaces only run "
-                         "stores")
-    shutil.rmtree(path)
 
 
 def _option(text: str) -> tuple[str, object]:

@@ -21,7 +21,7 @@ from torch import nn
 
 from spectra.capture.optimizers import describe_optimizer, unwrap_optimizer
 from spectra.capture.recorder import Recorder
-from spectra.store import is_run_store, open_run
+from spectra.store import Location, is_run_store, open_run
 
 _SET_BY_CLOCK = ("optimizer", "start_step")
 
@@ -30,9 +30,12 @@ class TrainerClock:
     """One Recorder for one training run of a trainer (a callback holds one).
 
     Args:
-        path: the run store.
+        path: the run store (a path or an fsspec URL).
         recorder_kwargs: the Recorder's keyword arguments (every, schedule, include, ...);
             ``optimizer`` and ``start_step`` are set from the trainer and refused here.
+            ``rewind=True``: a trainer resumed from a checkpoint older than the store's last
+            snapshot cuts the store back to that checkpoint's step; ``overwrite=True``: the
+            store is started over at the trainer's step.
         integration: the trainer's name, kept in the store's config.
     """
 
@@ -46,7 +49,8 @@ class TrainerClock:
         except TypeError as exc:
             raise TypeError(f"SpectraCallback: {exc} (it takes the Recorder's keyword "
                             "arguments)") from None
-        self.path = Path(path)
+        self.location = Location.of(path)
+        self.path: Path | str = self.location.local or self.location.url
         self.kwargs = {k: v for k, v in recorder_kwargs.items() if k != "config"}
         self.config = dict(recorder_kwargs.get("config") or {})
         self.integration = integration
@@ -62,8 +66,10 @@ class TrainerClock:
         """
         self.abort()  # a previous run that raised without telling its callbacks
         config = {"integration": self.integration, **trainer_config, **self.config}
-        self.recorder = Recorder(model, self.path, start_step=_start_step(self.path, step),
-                                 config=config, **self.kwargs).start()
+        start_step = step if self.kwargs.get("overwrite") else _start_step(self.location, step)
+        kwargs = self.kwargs if start_step is not None else {**self.kwargs, "rewind": False}
+        self.recorder = Recorder(model, self.location, start_step=start_step, config=config,
+                                 **kwargs).start()
         self.step = step
         self._last_scalars = {}
         atexit.register(self.abort)
@@ -109,11 +115,12 @@ def _floats(scalars: Mapping[str, float | torch.Tensor]) -> dict[str, float]:
     return {name: float(value) for name, value in scalars.items()}
 
 
-def _start_step(path: Path, step: int) -> int | None:
+def _start_step(location: Location, step: int) -> int | None:
     """The Recorder's start_step for a trainer at ``step``: None (resume, checked against the
-    stored weights) when the store's last snapshot is at ``step``, else ``step``."""
-    if is_run_store(path):
-        run = open_run(path)
+    stored weights; nothing to rewind) when the store's last snapshot is at ``step``, else
+    ``step``."""
+    if is_run_store(location):
+        run = open_run(location)
         if len(run) and int(run.steps[-1]) == step:
             return None
     return step

@@ -5,7 +5,8 @@ is installed, ``lightning`` first).
 
 - Steps are ``trainer.global_step``: optimizer steps, so ``accumulate_grad_batches=N`` gives one
   step per N batches; W_0 is the weights when training starts (step 0, or the checkpoint's step
-  when resuming with ``ckpt_path=``, which continues the store).
+  when resuming with ``ckpt_path=``, which continues the store; a checkpoint older than the
+  store's last snapshot needs ``rewind=True``, which cuts the store back to its step).
 - ``loss`` stored with the snapshot of step k is the mean training loss of the batches that
   produced step k (what ``training_step`` returned), on rank 0; ``lr`` the first param group's
   learning rate that step used.
@@ -35,7 +36,8 @@ class SpectraCallback(pl.Callback):
     """A Lightning callback recording the LightningModule's weight matrices into ``path``.
 
     ``recorder_kwargs`` are the Recorder's (``every``, ``schedule``, ``include``, ``exclude``,
-    ``embeddings``, ``trainable_only``, ``config``, ...); ``path`` is the store.
+    ``embeddings``, ``trainable_only``, ``config``, ``rewind``, ``overwrite``, ...); ``path`` is
+    the store (a path or an fsspec URL).
     """
 
     def __init__(self, path: str | Path, **recorder_kwargs: Any):

@@ -3,7 +3,8 @@ every=10)])``. Needs ``transformers``.
 
 - Steps are ``state.global_step``: optimizer steps, so ``gradient_accumulation_steps=N`` gives
   one step per N micro-batches; W_0 is the weights when training starts (step 0, or the
-  checkpoint's step with ``resume_from_checkpoint=``, which continues the store).
+  checkpoint's step with ``resume_from_checkpoint=``, which continues the store; a checkpoint
+  older than the store's last snapshot needs ``rewind=True``, which cuts the store back to it).
 - ``loss`` stored with the snapshot of step k is the training loss of step k as the Trainer
   computes it for its logs (its micro-batches' losses normalised as the Trainer does), read
   from the model's ``loss`` output on rank 0; absent when the loss is computed outside the model
@@ -30,7 +31,8 @@ class SpectraCallback(TrainerCallback):
     """A TrainerCallback recording the model's weight matrices into ``path``.
 
     ``recorder_kwargs`` are the Recorder's (``every``, ``schedule``, ``include``, ``exclude``,
-    ``embeddings``, ``trainable_only``, ``config``, ...); ``path`` is the store.
+    ``embeddings``, ``trainable_only``, ``config``, ``rewind``, ``overwrite``, ...); ``path`` is
+    the store (a path or an fsspec URL).
     """
 
     def __init__(self, path: str | Path, **recorder_kwargs: Any):

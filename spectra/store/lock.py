@@ -1,14 +1,20 @@
-"""One holder at a time: a named lock file inside a store (or any directory), held for the
+"""One holder at a time: a named lock inside a store (or any directory), held for the
 holder's life, that records who holds it.
 
-    with StoreLock("runs/gpt.zarr") as lock:               # the writer lock, "writer.lock"
+    with StoreLock("runs/gpt.zarr") as lock:               # the writer lock, "writer"
         ...                                                 # a second holder fails at once
-    StoreLock(path, name="analysis.lock", purpose="analysis cache").acquire(timeout=30)
+    StoreLock(path, name="analysis-cache.k8.weights.fc.weight",
+              purpose="analysis cache").acquire(timeout=30)        # one analysis cache entry
+
+The lock named N is the file ``locks/N/zarr.json``: the metadata of an empty zarr group whose
+attributes hold the record of its holder (host, pid, start time, heartbeat), so that zarr and
+xarray see the store's locks as ordinary groups (any other file makes zarr warn on every
+listing) and ``zarr.open_group(store)["locks/writer"].attrs["lock"]`` says who holds it.
 
 Local directories (plain paths, ``file://``): an OS advisory lock (``fcntl.flock``) on the lock
-file, so the lock dies with its process, whatever kills it. The file itself is never deleted (that
-would let two holders lock two different files); it holds a JSON record of the holder (host, pid,
-start time, heartbeat) that the error of a refused holder quotes. A record left by a process that
+file, so the lock dies with its process, whatever kills it. The file is written in place and
+never deleted or replaced (that would let two holders lock two different files); a refused
+holder's error quotes the record. A record left by a process that
 died without releasing is taken over with a warning: on the same host when that pid is gone (or
 the OS says nobody holds the lock); from another host when its heartbeat is older than
 ``STALE_AFTER`` seconds (filesystems whose locks do not span hosts). The holder refreshes its
@@ -30,14 +36,18 @@ import threading
 import time
 import uuid
 import warnings
+from pathlib import Path
 from typing import Any
 
 from spectra.store.format import StoreError
 from spectra.store.location import Location, PathOrURL
 
-WRITER_LOCK = "writer.lock"
+WRITER_LOCK = "writer"  # the Recorder's (one writer per store)
+ANALYSIS_LOCK = "analysis-cache"  # the analysis cache's locks: this, and this.k<k>.<target>.<param>
+LOCKS = "locks"  # the group holding the locks
 STALE_AFTER = 120.0  # seconds without a heartbeat after which another host's record is stale
-_RECORD_BYTES = 1024  # records are padded to this size and written in place (never truncated)
+_RECORD_BYTES = 4096  # records are padded to this size and written in place (never truncated)
+_GROUP = {"zarr_format": 3, "node_type": "group"}
 _POLL = 0.1  # seconds between attempts while waiting for a lock (acquire(timeout=...))
 _BEST_EFFORT_SETTLE = 0.2  # seconds between writing a record to an object store and reading it back
 
@@ -70,6 +80,7 @@ class StoreLock:
         self.purpose = purpose
         self.record: dict[str, Any] | None = None  # ours, while held
         self._fd: int | None = None
+        self._file: str | None = None  # the local lock file's path
         self._last_beat = 0.0
 
     @property
@@ -77,10 +88,17 @@ class StoreLock:
         return self.record is not None
 
     def __enter__(self) -> StoreLock:
-        return self.acquire()
+        return self if self.held else self.acquire()
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+    def __del__(self) -> None:
+        """A lock whose holder object is gone is released, like a file closed on collection."""
+        try:
+            self.release()
+        except Exception:
+            pass  # interpreter shutdown
 
     def __repr__(self) -> str:
         return f"StoreLock({str(self.location)!r}, {self.name!r}, held={self.held})"
@@ -149,7 +167,7 @@ class StoreLock:
         if self.location.is_local:
             try:
                 return os.stat(self._path()).st_ino == os.fstat(self._fd).st_ino
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 return False
         if self.location.protocol == "memory":
             with _process_guard:
@@ -160,6 +178,7 @@ class StoreLock:
     def moved_to(self, location: PathOrURL | Location) -> None:
         """The directory holding the lock was renamed to ``location`` (local only): follow it."""
         self.location = Location.of(location)
+        self._file = None
 
     # -- the three kinds of location --------------------------------------------------------
 
@@ -180,7 +199,8 @@ class StoreLock:
         if not self.location.local.is_dir():
             raise FileNotFoundError(errno.ENOENT, f"{self.location}: no such store", str(path))
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            _create_lock_file(self.location.local, self.name)
+            fd = os.open(path, os.O_RDWR)
         except PermissionError as exc:
             raise StoreReadOnly(f"{self.location}: cannot take the {self.purpose} lock: "
                                 f"{path} cannot be created ({exc.strerror})") from None
@@ -233,39 +253,71 @@ class StoreLock:
                            "wait for it to finish, or stop it", holder)
 
     def _path(self) -> str:
-        return str(self.location.local / self.name)
+        if self._file is None:
+            self._file = str(self.location.local / _key(self.name))
+        return self._file
 
     def _key(self) -> str:
-        return f"{self.location.url}/{self.name}"
+        return f"{self.location.url}/{_key(self.name)}"
 
     def _get_remote(self) -> dict[str, Any] | None:
         fs, root = self.location.filesystem()
         try:
-            return _parse(fs.cat_file(f"{root}/{self.name}"))
+            return _parse(fs.cat_file(f"{root}/{_key(self.name)}"))
         except FileNotFoundError:
             return None
 
     def _put_remote(self, record: dict[str, Any]) -> None:
         fs, root = self.location.filesystem()
-        fs.pipe_file(f"{root}/{self.name}", json.dumps(record).encode())
+        if not fs.exists(f"{root}/{LOCKS}/zarr.json"):
+            fs.pipe_file(f"{root}/{LOCKS}/zarr.json", _metadata(None))
+        fs.pipe_file(f"{root}/{_key(self.name)}", _metadata(record))
 
 
 def read_holder(location: PathOrURL | Location, name: str = WRITER_LOCK) -> dict[str, Any] | None:
-    """The record in lock file ``name`` (whoever wrote it last, held or not), or None."""
+    """The record of lock ``name`` (whoever wrote it last, held or not), or None."""
     location = Location.of(location)
     if location.protocol == "memory":
         with _process_guard:
-            return _process_locks.get(f"{location.url}/{name}")
+            return _process_locks.get(f"{location.url}/{_key(name)}")
     try:
         if location.is_local:
-            return _parse((location.local / name).read_bytes())
+            return _parse((location.local / _key(name)).read_bytes())
         fs, root = location.filesystem()
-        return _parse(fs.cat_file(f"{root}/{name}"))
+        return _parse(fs.cat_file(f"{root}/{_key(name)}"))
     except (FileNotFoundError, NotADirectoryError):
         return None
 
 
-# -- records -------------------------------------------------------------------------------
+# -- lock files and records ----------------------------------------------------------------
+
+def _key(name: str) -> str:
+    return f"{LOCKS}/{name}/zarr.json"
+
+
+def _create_lock_file(directory: Path, name: str) -> None:
+    """Create ``locks/zarr.json`` and ``locks/<name>/zarr.json`` if missing, each atomically
+    with valid group metadata (written aside, then hard-linked into place)."""
+    for key, content in ((f"{LOCKS}/zarr.json", _metadata(None)), (_key(name), _metadata(None))):
+        target = directory / key
+        if target.exists():
+            continue
+        target.parent.mkdir(exist_ok=True)
+        aside = target.with_name(f".{uuid.uuid4().hex}.partial")
+        aside.write_bytes(content)
+        try:
+            os.link(aside, target)
+        except FileExistsError:
+            pass  # another process made it first
+        finally:
+            aside.unlink()
+
+
+def _metadata(record: dict[str, Any] | None) -> bytes:
+    """Group metadata holding ``record``, padded (so that rewriting it in place is whole)."""
+    data = json.dumps({**_GROUP, "attributes": {} if record is None else {"lock": record}})
+    return data.encode().ljust(_RECORD_BYTES, b" ")
+
 
 def _new_record(purpose: str) -> dict[str, Any]:
     now = time.time()
@@ -275,8 +327,7 @@ def _new_record(purpose: str) -> dict[str, Any]:
 
 
 def _write_record(fd: int, record: dict[str, Any]) -> None:
-    data = json.dumps(record).encode()
-    os.pwrite(fd, data.ljust(max(_RECORD_BYTES, len(data)), b" "), 0)
+    os.pwrite(fd, _metadata(record), 0)
 
 
 def _read_record(fd: int) -> dict[str, Any] | None:
@@ -285,9 +336,10 @@ def _read_record(fd: int) -> dict[str, Any] | None:
 
 def _parse(data: bytes) -> dict[str, Any] | None:
     try:
-        record = json.loads(data.decode() or "null")
+        metadata = json.loads(data.decode() or "null")
     except (UnicodeDecodeError, ValueError):
-        return None  # empty, or being written
+        return None  # being written
+    record = metadata.get("attributes", {}).get("lock") if isinstance(metadata, dict) else None
     return record if isinstance(record, dict) else None
 
 
@@ -303,7 +355,7 @@ def _live_elsewhere(record: dict[str, Any] | None) -> bool:
     return record.get("host") != socket.gethostname() and _fresh(record)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -317,7 +369,7 @@ def _warn_takeover(location: Location, purpose: str, previous: dict[str, Any] | 
     if previous is None or previous.get("released_unix"):
         return
     why = "which is gone"
-    if previous.get("host") == socket.gethostname() and _pid_alive(int(previous.get("pid", 0))):
+    if previous.get("host") == socket.gethostname() and pid_alive(int(previous.get("pid", 0))):
         why = "which is alive but no longer holds it"
     elif previous.get("host") != socket.gethostname():
         age = time.time() - float(previous.get("heartbeat_unix", 0))

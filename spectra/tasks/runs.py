@@ -53,8 +53,10 @@ class RunResult:
 
 def gpt_run(method: str, path: str | Path, *, training: GPTTraining | None = None,
             options: dict[str, Any] | None = None, schedule: Any = None,
-            quiet: bool = False, threads: int | None = TRAINING_THREADS) -> RunResult:
-    """Train the demo character GPT with ``method``, recording into ``path``."""
+            quiet: bool = False, threads: int | None = TRAINING_THREADS,
+            overwrite: bool = False) -> RunResult:
+    """Train the demo character GPT with ``method``, recording into ``path`` (a run store
+    already there is resumed, or replaced with ``overwrite``: the Recorder's)."""
     training = training or GPTTraining()
     options = dict(options or {})
     with torch_threads(threads):
@@ -65,7 +67,7 @@ def gpt_run(method: str, path: str | Path, *, training: GPTTraining | None = Non
                              total_steps=training.steps, **options)
         schedule = schedule or LogSpaced(per_decade=5, max_every=max(1, training.steps // 15))
         config = {"task": "char-gpt", "method": method, "options": options, **vars(training)}
-        return _recorded(built, path, schedule, config, quiet,
+        return _recorded(built, path, schedule, config, quiet, overwrite,
                          lambda after: train_char_gpt(built.model, corpus, training, quiet=quiet,
                                                       optimizer=built.optimizer,
                                                       after_step=after, threads=None))
@@ -73,9 +75,10 @@ def gpt_run(method: str, path: str | Path, *, training: GPTTraining | None = Non
 
 def mlp_run(method: str, path: str | Path, *, training: ClassifierTraining | None = None,
             options: dict[str, Any] | None = None, every: int | None = None,
-            quiet: bool = False, threads: int | None = TRAINING_THREADS) -> RunResult:
+            quiet: bool = False, threads: int | None = TRAINING_THREADS,
+            overwrite: bool = False) -> RunResult:
     """Train the 784-512-512-10 MLP on MNIST-5k with ``method``, recording into ``path``
-    (every epoch by default)."""
+    (every epoch by default; ``overwrite`` as for gpt_run)."""
     training = training or ClassifierTraining(epochs=30)
     options = dict(options or {})
     with torch_threads(threads):
@@ -90,7 +93,7 @@ def mlp_run(method: str, path: str | Path, *, training: ClassifierTraining | Non
                              total_steps=training.epochs * steps_per_epoch, **options)
         config = {"task": "mnist5k-mlp", "method": method, "options": options,
                   "steps_per_epoch": steps_per_epoch, **vars(training)}
-        return _recorded(built, path, Every(every or steps_per_epoch), config, quiet,
+        return _recorded(built, path, Every(every or steps_per_epoch), config, quiet, overwrite,
                          lambda after: train_classifier(built.model, data, training, quiet=quiet,
                                                         optimizer=built.optimizer,
                                                         after_step=after, threads=None))
@@ -105,9 +108,10 @@ def method_factory(method: str) -> Callable[..., Method]:
 
 
 def _recorded(built: Method, path: str | Path, schedule: Any, config: dict, quiet: bool,
-              train: Any) -> RunResult:
+              overwrite: bool, train: Any) -> RunResult:
     last: dict[str, float] = {}
-    with Recorder(built.model, path, schedule=schedule, config=config) as rec:
+    with Recorder(built.model, path, schedule=schedule, config=config,
+                  overwrite=overwrite) as rec:
         def after(step: int, loss: float) -> None:
             last.update(built.after_step(step))
             rec.step(loss=loss, **last)

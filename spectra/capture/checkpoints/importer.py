@@ -39,8 +39,8 @@ from spectra.capture.checkpoints import architecture as arch
 from spectra.capture.checkpoints import steps as stepping
 from spectra.capture.checkpoints.sources import Checkpoint, expand, open_checkpoint
 from spectra.capture.host import host_copy
-from spectra.store import (MatrixSpec, Run, RunWriter, StoreError, create_run, is_run_store,
-                           open_run, resume_run)
+from spectra.store import (Location, MatrixSpec, Run, RunWriter, StoreError, create_run,
+                           is_run_store, open_run, resume_run)
 
 PathLike = str | os.PathLike
 
@@ -86,7 +86,7 @@ def import_checkpoints(paths: PathLike | Sequence[PathLike], store: PathLike, *,
     selection = _Selection.of(include, exclude, embeddings, trainable_only)
     found = expand([paths] if isinstance(paths, str | os.PathLike) else paths)
     series = stepping.resolve(found, [_stated(p) for p in found], steps)
-    store = Path(store)
+    store = Location.of(store)
     if is_run_store(store):
         if init is not None:
             raise ValueError(f"{store}: an existing store keeps its W_0; init= is for a new store")
@@ -117,7 +117,7 @@ class _Selection:
                             exclude=self.exclude, embeddings=self.embeddings,
                             trainable_only=self.trainable_only, source=str(source))
 
-    def agreed(self, stored: Mapping[str, Any] | None, store: Path) -> _Selection:
+    def agreed(self, stored: Mapping[str, Any] | None, store: Location) -> _Selection:
         """The store's selection, if the options given (those not at their default) agree."""
         if stored is None:
             return self
@@ -149,7 +149,7 @@ class _Plan:
         return {d.candidate.name: d for d in described}
 
 
-def _create(store: Path, series: list[stepping.Stepped], selection: _Selection,
+def _create(store: Location, series: list[stepping.Stepped], selection: _Selection,
             model: nn.Module | None, model_config: Any, update_dtype: str, compressors: Any,
             quiet: bool) -> Run:
     first = series[0]
@@ -165,13 +165,16 @@ def _create(store: Path, series: list[stepping.Stepped], selection: _Selection,
                            "time_origin_unix": w0.mtime, "checkpoints": [_record(first, w0)]}}
         writer = create_run(store, plan.specs, _Matrices(w0, plan.read(w0), plan.specs, bar),
                             meta=meta, update_dtype=update_dtype, compressors=compressors)
-        writer.append(first.step, {name: writer.init(name) for name in writer.params},
-                      w0.scalars, time=0.0)
-        _write(writer, plan, series[1:], bar, w0.mtime)
+        try:
+            writer.append(first.step, {name: writer.init(name) for name in writer.params},
+                          w0.scalars, time=0.0)
+            _write(writer, plan, series[1:], bar, w0.mtime)
+        finally:
+            writer.close()
     return open_run(store)
 
 
-def _append(store: Path, series: list[stepping.Stepped], selection: _Selection,
+def _append(store: Location, series: list[stepping.Stepped], selection: _Selection,
             model: nn.Module | None, model_config: Any, quiet: bool) -> Run:
     series = stepping.in_order(series)
     run = open_run(store)
@@ -195,9 +198,12 @@ def _append(store: Path, series: list[stepping.Stepped], selection: _Selection,
         return run
     _check_all(plan, todo)
     writer = resume_run(store)
-    origin = float(meta.get("time_origin_unix", writer.created))
-    with _bar(plan, len(todo), quiet) as bar:
-        _write(writer, plan, todo, bar, origin)
+    try:
+        origin = float(meta.get("time_origin_unix", writer.created))
+        with _bar(plan, len(todo), quiet) as bar:
+            _write(writer, plan, todo, bar, origin)
+    finally:
+        writer.close()
     return open_run(store)
 
 
