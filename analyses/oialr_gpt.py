@@ -13,8 +13,8 @@ the stability trigger's MLP setting carries over.
     python analyses/oialr_gpt.py --arms oialr-official   # train only these arms (no tables)
     python analyses/oialr_gpt.py --quick          # a few minutes: 30-step runs, 1 + 1 seeds
 
-Writes figures/oialr-gpt-{tuning,runs,summary}.csv and
-figures/oialr-gpt-{accuracy,ranks,stability,trigger}.png.
+Writes into --figures the tables oialr-gpt-{tuning,runs,summary}.csv and the figures
+oialr-gpt-{accuracy,ranks,stability,trigger}.png (not run in this wave: docs/oialr.md).
 """
 
 from __future__ import annotations
