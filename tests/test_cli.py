@@ -1,6 +1,7 @@
 import errno
 import inspect
 import os
+import re
 import subprocess
 import sys
 
@@ -207,7 +208,8 @@ def test_train_replaces_a_store_only_with_overwrite(tmp_path, capsys):
     assert "exists; pass --overwrite to replace it" in capsys.readouterr().err
     assert main(argv + ["--overwrite"]) == 0
     assert spectra.open_run(store).attrs["created"] != first
-    assert "test accuracy 0.9" in capsys.readouterr().out
+    accuracy = float(re.search(r"test accuracy ([0-9.]+)", capsys.readouterr().out).group(1))
+    assert accuracy > 0.8  # one epoch of the MLP on MNIST-5k; chance is 0.1
 
 
 @pytest.mark.parametrize("device, message", [
