@@ -152,7 +152,9 @@ def test_an_internal_error_is_status_1_with_the_traceback_behind_debug(small_sto
 
 def test_train_help_shows_defaults_and_every_methods_options_from_its_factory(capsys):
     from spectra.methods.inrank.controller import to_inrank
+    from spectra.methods.inrank.methods import PRESETS as INRANK_PRESETS
     from spectra.methods.oialr.controller import OIALR
+    from spectra.methods.oialr.methods import PRESETS as OIALR_PRESETS
     with pytest.raises(SystemExit) as exit_:
         main(["train", "--help"])
     assert exit_.value.code == 0
@@ -161,11 +163,15 @@ def test_train_help_shows_defaults_and_every_methods_options_from_its_factory(ca
     assert "--threads N" in out and "(default: 1)" in out
     methods = out.split("methods and their options (-O")[1]
     assert "full: none" in methods
-    for name, default in inspect.signature(to_inrank).parameters.items():
+    inrank = methods.split("inrank:")[1].split("inrank-")[0]
+    for name, parameter in inspect.signature(to_inrank).parameters.items():
         if name not in ("model", "layers"):  # the factory's own `layers` is listed first
-            assert f"{name}={default.default!r}" in methods.split("inrank:")[1].split("inrank-")[0]
-    for name in ("beta", "keep_first", "keep_last", "min_rank_fraction"):
-        default = inspect.signature(OIALR).parameters[name].default
+            # what a run without -O uses: the default preset's value, else the layer's default
+            default = INRANK_PRESETS["ours"].get(name, parameter.default)
+            assert f"{name}={default!r}" in inrank
+    assert "buffer=8" in inrank and "rule_input='increment'" in inrank and "lr_scale=4.0" in inrank
+    for name in ("beta", "keep_first", "keep_last", "keep_among", "min_rank_fraction"):
+        default = OIALR_PRESETS["ours"].get(name, inspect.signature(OIALR).parameters[name].default)
         assert f"{name}={default!r}" in methods.split("oialr:")[1]
 
 

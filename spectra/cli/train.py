@@ -85,7 +85,8 @@ def method_options(method: str) -> dict[str, Any]:
     """The -O keys of ``method`` with their defaults: its factory's keyword parameters beyond
     those build_method passes, then, where it takes ``**options``, the keyword parameters of
     the functions and classes its source hands keyword arguments on to (``f(..., **x)``),
-    following the options into helpers of its own module (``_build(..., options)``)."""
+    following the options into helpers of its own module (``_build(..., options)``); a method
+    with presets shows its default preset's values (its module's ``preset_options``)."""
     from spectra.tasks.runs import method_factory
     factory = method_factory(method)
     found = {name: default for name, default in _keywords(factory).items()
@@ -94,6 +95,9 @@ def method_options(method: str) -> dict[str, Any]:
                 if p.kind is inspect.Parameter.VAR_KEYWORD]
     if variadic:
         found.update({k: v for k, v in _forwarded(factory, variadic[0]).items() if k not in found})
+    presets = getattr(inspect.getmodule(factory), "preset_options", None)
+    if presets is not None and "preset" in found:  # the preset's values, not the layers' own
+        found.update(presets(method, found["preset"]))
     return found
 
 

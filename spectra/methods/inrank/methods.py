@@ -43,7 +43,7 @@ def inrank_method(model: nn.Module, *, lr: float, weight_decay: float, total_ste
     """Vanilla InRank (W_0 + U Vᵀ, rank grown by the rule). ``options``: those of to_inrank and
     ``lr_scale`` / ``factor_decay`` (the factors' learning-rate multiple and weight decay);
     ``layers`` may be a comma-separated string of patterns (``-O layers=layers.0,layers.1``)."""
-    settings = _settings(preset, options)
+    settings = _settings("inrank", preset, options)
     lr_scale, decay = settings.pop("lr_scale"), settings.pop("factor_decay", None)
     controller = to_inrank(model, layers=_patterns(layers), **settings)
     return _method("inrank", controller, lr, weight_decay, lr_scale, decay)
@@ -56,8 +56,7 @@ def inrank_efficient_method(model: nn.Module, *, lr: float, weight_decay: float,
                             **options: Any) -> Method:
     """Efficient InRank (U Vᵀ from scratch): rank search for ``search_steps`` (default a third
     of ``total_steps``), then truncation to the found ranks and fixed-rank training."""
-    defaults = EFFICIENT_OURS if preset == "ours" else {}
-    settings = _settings(preset, {**defaults, **options})
+    settings = _settings("inrank-efficient", preset, options)
     lr_scale, decay = settings.pop("lr_scale"), settings.pop("factor_decay", None)
     search_steps = max(1, total_steps // 3) if search_steps is None else search_steps
     controller = to_inrank(model, layers=_patterns(layers), variant="efficient",
@@ -83,15 +82,23 @@ _OPTIONS = {*inspect.signature(to_inrank).parameters, "lr_scale", "factor_decay"
     {"model", "layers", "variant", "search_steps"}
 
 
-def _settings(preset: str, options: dict[str, Any]) -> dict[str, Any]:
-    """The preset's options updated by ``options`` (unknown names are a clear error)."""
+def preset_options(method: str, preset: str = "ours") -> dict[str, Any]:
+    """The options ``method`` ("inrank" or "inrank-efficient") runs with under ``preset``
+    where none is given explicitly (what ``spectra train --help`` lists)."""
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r}; accepted: {sorted(PRESETS)}")
+    own = EFFICIENT_OURS if method == "inrank-efficient" and preset == "ours" else {}
+    return {**PRESETS[preset], **own}
+
+
+def _settings(method: str, preset: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The preset's options updated by ``options`` (unknown names are a clear error)."""
+    defaults = preset_options(method, preset)
     unknown = sorted(set(options) - _OPTIONS)
     if unknown:
         raise ValueError(f"unknown InRank option(s) {unknown}; accepted: "
                          f"{sorted(_OPTIONS | {'layers', 'preset'})}")
-    return {**PRESETS[preset], **options}
+    return {**defaults, **options}
 
 
 def _method(name: str, controller: InRankController, lr: float, weight_decay: float,

@@ -30,6 +30,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "count": "forwards", "cut_at_conversion": True, "phase_in": 0.1,
                  "moments": "official", "freeze_bias": True},
 }
+def preset_options(method: str, preset: str = "ours") -> dict[str, Any]:
+    """The options ``method`` ("oialr" or "oialr-stability") runs with under ``preset`` where
+    none is given explicitly (what ``spectra train --help`` lists)."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r}; accepted: {sorted(PRESETS)}")
+    return dict(PRESETS[preset])
+
+
 _CONTROLLER_OPTIONS = tuple(name for name in inspect.signature(OIALR).parameters
                             if name not in ("model", "optimizer", "trigger", "frequency"))
 
@@ -67,8 +75,7 @@ def oialr_stability_method(model: nn.Module, *, lr: float, weight_decay: float,
 def _build(name: str, model: nn.Module, lr: float, weight_decay: float, trigger: Trigger,
            total_steps: int, frequency: int | None, preset: str, options: dict[str, Any],
            accepted: tuple[str, ...]) -> Method:
-    if preset not in PRESETS:
-        raise ValueError(f"preset={preset!r}; accepted: {sorted(PRESETS)}")
+    defaults = preset_options(name, preset)
     unknown = sorted(set(options) - set(_CONTROLLER_OPTIONS))
     if unknown:
         raise ValueError(f"method {name!r}: unknown option(s) {unknown}; accepted: "
@@ -76,5 +83,5 @@ def _build(name: str, model: nn.Module, lr: float, weight_decay: float, trigger:
     frequency = max(1, total_steps // 30) if frequency is None else frequency
     optimizer = adamw_for(model, lr, weight_decay)
     controller = OIALR(model, optimizer, trigger, frequency=frequency,
-                       **{**PRESETS[preset], **options})
+                       **{**defaults, **options})
     return Method(name, model, optimizer, controller)
