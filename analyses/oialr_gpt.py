@@ -14,7 +14,7 @@ the stability trigger's MLP setting carries over.
     python analyses/oialr_gpt.py --quick          # a few minutes: 30-step runs, 1 + 1 seeds
 
 Writes into --figures the tables oialr-gpt-{tuning,runs,summary}.csv and the figures
-oialr-gpt-{accuracy,ranks,stability,trigger}.png (not run in this wave: docs/oialr.md).
+oialr-gpt-{accuracy,ranks,stability,trigger}.png.
 """
 
 from __future__ import annotations
